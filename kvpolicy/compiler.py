@@ -1,0 +1,168 @@
+"""Policy -> per-layer stage plan (DESIGN § Execution).
+
+``capture -> score -> aggregate -> protect -> allocate -> classify -> merge ->
+compact``. :func:`plan` resolves everything that depends only on the policy,
+the model's shape and the prompt length: which inputs to capture, the scores
+in evaluation order, the GQA reduction, the layer and head budgets. It is the
+``plan()`` half of the plan/run split: the tensor work of each stage (the
+reference executor in torch, then Triton kernels) consumes a :class:`Plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpolicy import ir
+from kvpolicy.budgets import ModelShape, layer_budgets, pooled_head_floor
+from kvpolicy.dsl.formatter import expr as format_expr
+from kvpolicy.dsl.formatter import layers as format_layers
+from kvpolicy.dsl.formatter import selection as format_selection
+
+STAGES = ("capture", "score", "aggregate", "protect", "allocate", "classify", "merge", "compact")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the per-layer pipeline and what it was configured with."""
+
+    kind: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    policy: ir.Policy
+    shape: ModelShape
+    prompt_len: int
+    budget: int  # B: tokens per KV head per layer (mean), resolved
+    layer_budgets: tuple[int, ...]
+    stages: tuple[Stage, ...]
+
+    @property
+    def compresses(self) -> bool:
+        return any(b < self.prompt_len for b in self.layer_budgets)
+
+    @property
+    def kept_slots(self) -> int:
+        return sum(self.layer_budgets) * self.shape.num_kv_heads
+
+    @property
+    def total_slots(self) -> int:
+        return self.prompt_len * self.shape.num_layers * self.shape.num_kv_heads
+
+    def head_budgets(self, layer: int) -> str:
+        """The per-head budgets of ``layer`` as text (pooled ones are a range)."""
+        b = self.layer_budgets[layer]
+        sel = self.policy.selection
+        if sel is not None and sel.unit == "pooled" and b < self.prompt_len:
+            lo = pooled_head_floor(self.policy, b)
+            hi = b * self.shape.num_kv_heads - lo * (self.shape.num_kv_heads - 1)
+            return f"{lo}..{min(hi, self.prompt_len)} (sum {b * self.shape.num_kv_heads})"
+        return " ".join([str(b)] * self.shape.num_kv_heads)
+
+
+def referenced_terms(policy: ir.Policy) -> list[ir.ScoreExpr]:
+    """Score terms (leaves that read the cache) used by any score, in order."""
+    out: list[ir.ScoreExpr] = []
+
+    def walk(e: ir.ScoreExpr) -> None:
+        if isinstance(e, ir.WeightedSum):
+            for _, t in e.terms:
+                walk(t)
+        elif isinstance(e, ir.Normalize):
+            for a in e.args:
+                walk(a)
+        elif not isinstance(e, ir.ScoreRef) and e not in out:
+            out.append(e)
+
+    for d in policy.scores:
+        walk(d.expr)
+    return out
+
+
+def plan(policy: ir.Policy, shape: ModelShape, prompt_len: int, *, base_dir: Path | None = None) -> Plan:
+    budgets = layer_budgets(policy, shape, prompt_len, base_dir=base_dir)
+    B = policy.budget.tokens_for(prompt_len)
+    return Plan(policy, shape, prompt_len, B, budgets, tuple(_stages(policy, shape, prompt_len)))
+
+
+def _stages(p: ir.Policy, shape: ModelShape, T: int) -> list[Stage]:
+    if p.selection is None:
+        return [Stage("compact", "none: the full cache is kept")]
+    terms = referenced_terms(p)
+    needs = []
+    windows = sorted({t.window for t in terms if isinstance(t, ir.LocalAttention)})
+    if windows:
+        needs.append(f"queries of the last {', '.join(map(str, windows))} prompt tokens")
+    if any(isinstance(t, ir.GlobalAttention) for t in terms):
+        needs.append(f"attention accumulated over all {T} prompt queries, block by block (never {T}x{T})")
+    if any(isinstance(t, (ir.KeyNorm, ir.ValueNorm)) for t in terms):
+        needs.append("key/value norms")
+    if any(isinstance(t, ir.Recency) for t in terms):
+        needs.append("token positions")
+    stages = [Stage("capture", "; ".join(needs) or "nothing beyond the cache")]
+    stages.append(Stage("score", "; ".join(f"{d.name} = {format_expr(d.expr)}" for d in p.scores)))
+
+    retrieval = [t.heads for t in terms if isinstance(getattr(t, "heads", None), ir.RetrievalHeads)]
+    n = shape.group_size
+    gqa = sorted({t.gqa for t in terms if isinstance(t, (ir.GlobalAttention, ir.LocalAttention))})
+    agg = f"query heads -> KV heads by {'/'.join(gqa) or 'mean'} over each group of {n} (query head h reads KV head h // {n})"
+    if retrieval:
+        agg = f"only each layer's top {retrieval[0].top} retrieval heads vote ({retrieval[0].artifact or 'model artifact'}); " + agg
+    pools = sorted({f"{t.pool.kind}({t.pool.size})" for t in terms if isinstance(t, ir.LocalAttention) and t.pool})
+    if pools:
+        agg += f"; pool along tokens with {', '.join(pools)}"
+    stages.append(Stage("aggregate", agg))
+    pr = p.protect
+    stages.append(Stage("protect", f"sink {pr.sink}, recent {pr.recent}: always kept, counted in the budget"))
+
+    sel = p.selection
+    unit = {
+        "head": "each KV head chooses its own tokens",
+        "layer": "one choice shared by all KV heads of the layer (scores averaged over heads)",
+        "pooled": f"KV heads of a layer compete for H_kv x c slots; each keeps at least w + floor({sel.safeguard} x c)",
+    }[sel.unit]
+    stages.append(Stage("allocate", f"layers {format_layers(p.layers)}"
+                        + (f" with {len(p.overrides)} override(s)" if p.overrides else "") + f"; {unit}"))
+    classes = [line.strip() for line in format_selection(sel)[1:-1]]
+    stages.append(Stage("classify", "; ".join(classes)))
+    if sel.merge is not None:
+        m = sel.merge
+        stages.append(Stage(
+            "merge",
+            f"each merged token folds into its most similar kept token ({m.target}, {m.metric} {m.op} {m.threshold}); "
+            f"centres become {m.weight}-weighted means of K and V"
+            + ("; evicted tokens go to zero class 0, dropped after one fixed-shape scatter" if sel.evict.into == "zero_class" else ""),
+        ))
+    stages.append(Stage("compact", "gather kept K/V into the first B_l slots of each head (rank-slot layout); "
+                                   "free the rest; decode positions continue from the prompt length"))
+    return stages
+
+
+def explain(pl: Plan) -> str:
+    """A readable account of a plan (``kvpolicy explain``)."""
+    p, s = pl.policy, pl.shape
+    out = [f"policy {p.name}" + (f"  ({p.source})" if p.source else "")]
+    if p.description:
+        out.append(f"  {p.description}")
+    model = f"{s.name}: " if s.name else ""
+    out.append(f"model   {model}{s.num_layers} layers, {s.num_q_heads} query heads, {s.num_kv_heads} KV heads "
+               f"(group of {s.group_size})")
+    b = p.budget
+    given = f"{b.amount:g}% of the prompt" if b.unit == "percent" else f"{int(b.amount)} tokens"
+    out.append(f"budget  {given} -> {pl.budget} tokens per KV head per layer (mean) for a {pl.prompt_len}-token prompt")
+    out.append("")
+    out.append("stages (run per layer):")
+    for i, st in enumerate(pl.stages, 1):
+        out.append(f"  {i}. {st.kind:<9} {st.summary}")
+    out.append("")
+    out.append("layer budgets (tokens kept per KV head):")
+    out.append("  layer  budget  per head")
+    for layer, lb in enumerate(pl.layer_budgets):
+        out.append(f"  {layer:>5}  {lb:>6}  {pl.head_budgets(layer)}")
+    pct = 100.0 * pl.kept_slots / pl.total_slots
+    out.append("")
+    out.append(f"kept    {pl.kept_slots} of {pl.total_slots} token slots ({pct:.1f}% of the full cache)"
+               + ("" if pl.compresses else "; nothing is compressed at this prompt length"))
+    return "\n".join(out)
