@@ -141,39 +141,158 @@ def layer_ranges(indices: tuple[int, ...]) -> str:
     return ", ".join(out)
 
 
-def format_policy(p: ir.Policy, header: str = "") -> str:
-    """Canonical text of ``p``; ``header`` (comment lines) is printed first."""
-    lines = [header.rstrip("\n")] if header.strip() else []
-    lines.append(f"policy {p.name}")
-    if p.description:
-        lines.append(f"description {string(p.description)}")
-    lines.append(f"budget {budget(p.budget)}")
-    protect = [f"{k} {getattr(p.protect, k)}" for k in ("sink", "recent") if getattr(p.protect, k)]
-    if protect:
-        lines.append("keep " + ", ".join(protect))
-    for d in p.scores:
-        lines.append(f"score {d.name} = {expr(d.expr)}")
-    if p.selection is not None:
-        lines += selection(p.selection)
-    lines.append(f"layers {layers(p.layers)}")
-    for ov in p.overrides:
-        lines.append(f"layer {layer_ranges(ov.layers)} budget {budget(ov.budget)}")
-    if p.trigger != ir.Trigger():
-        items = (["prefill"] if p.trigger.prefill else []) + (
-            [f"every {p.trigger.decode_every} tokens"] if p.trigger.decode_every is not None else []
+ORDER = ("policy", "description", "extends", "budget", "keep", "score", "per", "layers", "layer", "trigger")
+
+
+def statement(kind: str, value) -> list[str]:
+    """The canonical line(s) of one statement."""
+    if kind == "policy":
+        return [f"policy {value}"]
+    if kind == "description":
+        return [f"description {string(value)}"]
+    if kind == "extends":
+        target, is_path = value
+        return [f"extends {string(target) if is_path else target}"]
+    if kind == "budget":
+        return [f"budget {budget(value)}"]
+    if kind == "keep":
+        return ["keep " + ", ".join(f"{k} {getattr(value, k)}" for k in ("sink", "recent") if getattr(value, k))]
+    if kind == "score":
+        return [f"score {value.name} = {expr(value.expr)}"]
+    if kind == "per":
+        return selection(value)
+    if kind == "layers":
+        return [f"layers {layers(value)}"]
+    if kind == "layer":
+        return [f"layer {layer_ranges(value.layers)} budget {budget(value.budget)}"]
+    if kind == "trigger":
+        items = (["prefill"] if value.prefill else []) + (
+            [f"every {value.decode_every} tokens"] if value.decode_every is not None else []
         )
-        lines.append("trigger " + ", ".join(items))
-    return "\n".join(lines) + "\n"
+        return ["trigger " + ", ".join(items)]
+    raise ValueError(kind)
 
 
-def leading_comments(text: str) -> str:
-    """The comment block at the top of a file (kept by ``kvpolicy fmt``)."""
-    out = []
-    for line in text.splitlines():
-        if line.strip().startswith("#") or (not line.strip() and out):
-            out.append(line.rstrip())
+def format_policy(p: ir.Policy) -> str:
+    """Canonical text of ``p`` (flattened: no ``extends``, no comments)."""
+    parts: list[tuple[str, object]] = [("policy", p.name)]
+    if p.description:
+        parts.append(("description", p.description))
+    parts.append(("budget", p.budget))
+    if p.protect.total:
+        parts.append(("keep", p.protect))
+    parts += [("score", d) for d in p.scores]
+    if p.selection is not None:
+        parts.append(("per", p.selection))
+    parts.append(("layers", p.layers))
+    parts += [("layer", ov) for ov in p.overrides]
+    if p.trigger != ir.Trigger():
+        parts.append(("trigger", p.trigger))
+    return "".join(line + "\n" for kind, value in parts for line in statement(kind, value))
+
+
+# --------------------------------------------------------------------------- kvpolicy fmt
+
+
+def _split_comment(line: str) -> tuple[str, str | None]:
+    """``'budget 2%  # two'`` -> (``'budget 2%'``, ``'# two'``); '#' inside a string is text."""
+    in_string = escaped = False
+    for i, ch in enumerate(line):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "#":
+            return line[:i].rstrip(), line[i:].rstrip()
+    return line.rstrip(), None
+
+
+def format_source(text: str, file: str | None = None) -> str:
+    """Canonical text of a policy *file*: its own statements in canonical
+    order, ``extends`` kept, comments kept with the statement they sit on or
+    above (inside a ``per`` block, with the class line they sit on or above).
+    The file must be a valid policy: it is parsed in full first."""
+    from kvpolicy.dsl.parser import parse, read_document
+
+    parse(text, file)
+    doc = read_document(text, file)
+    split = [_split_comment(l) for l in text.splitlines()]
+
+    # output pieces in canonical order: (kind, value, anchor of each output line)
+    pieces: list[tuple[str, object, list]] = []
+    alias: dict = {}  # anchor of a merged override line -> anchor it is printed under
+    for kind in ORDER:
+        if kind == "score":
+            pieces += [("score", sl.value, [("stmt", sl.span[0])]) for sl in doc.scores.values()]
+        elif kind == "layer":
+            groups: dict = {}
+            for sl in doc.overrides.values():
+                groups.setdefault(sl.value.budget, []).append(sl)
+            for b, members in sorted(groups.items(), key=lambda g: min(m.value.layers[0] for m in g[1])):
+                layers = tuple(sorted(m.value.layers[0] for m in members))
+                head = ("stmt", members[0].span[0])
+                for m in members:
+                    alias[("stmt", m.span[0])] = head
+                pieces.append(("layer", ir.LayerOverride(layers, b), [head]))
+        elif kind in doc.single:
+            sl = doc.single[kind]
+            anchors = [("stmt", sl.span[0])]
+            if kind == "per":
+                classes = ["keep"] + (["merge"] if sl.value.merge is not None else []) + ["evict"]
+                anchors += [("class", sl.inner[c]) if c in sl.inner else None for c in classes]
+                anchors.append(("close", sl.span[1]))
+            pieces.append((kind, sl.value, anchors))
+
+    blocks = [sl.span for sl in doc.single.values() if sl.inner]
+    top = sorted({a[1] for _, _, anch in pieces for a in anch[:1]} | {k[1] for k in alias})
+    first = top[0] if top else len(split) + 1
+
+    def anchor_of_comment_line(n: int):
+        for lo, hi in blocks:
+            if lo < n < hi:  # inside a per block: the next class line, else the closing brace
+                inner = sorted(l for l in doc.single["per"].inner.values() if l > n)
+                return ("class", inner[0]) if inner else ("close", hi)
+        nxt = [l for l in top if l > n]
+        return alias.get(("stmt", nxt[0]), ("stmt", nxt[0])) if nxt else None
+
+    def anchor_of_code_line(n: int):
+        for lo, hi in blocks:
+            if lo <= n <= hi:
+                if n == lo:
+                    return ("stmt", lo)
+                inner = doc.single["per"].inner
+                if n in inner.values():
+                    return ("class", n)
+                return ("close", hi) if n == hi else ("stmt", lo)
+        return alias.get(("stmt", n), ("stmt", n))
+
+    header, footer = [], []
+    leading: dict = {}
+    trailing: dict = {}
+    for n, (code, com) in enumerate(split, start=1):
+        if com is None:
+            continue
+        if code:
+            trailing.setdefault(anchor_of_code_line(n), []).append(com)
+        elif n < first:
+            header.append(com)
         else:
-            break
-    while out and not out[-1].strip():
-        out.pop()
-    return "\n".join(out) + ("\n" if out else "")
+            a = anchor_of_comment_line(n)
+            (footer if a is None else leading.setdefault(a, [])).append(com)
+
+    out = list(header)
+    if header and not split[first - 2][0] and split[first - 2][1] is None:
+        out.append("")  # keep the blank line that separated the header
+    for kind, value, anchors in pieces:
+        for line, anchor in zip(statement(kind, value), anchors):
+            indent = "  " if anchor and anchor[0] == "close" else line[: len(line) - len(line.lstrip())]
+            out += [indent + c for c in leading.get(anchor, [])]
+            tail = trailing.get(anchor)
+            out.append(line + ("  " + " ".join(tail) if tail else ""))
+    out += footer
+    return "\n".join(out) + "\n"

@@ -60,6 +60,8 @@ def lark_parser() -> Lark:
 class Slot:
     value: Any
     places: dict[str, Where]
+    span: tuple[int, int] = (0, 0)  # first and last source line (for the formatter's comments)
+    inner: dict[str, int] = field(default_factory=dict)  # class statement -> its line, in a per block
 
 
 @dataclass
@@ -97,6 +99,11 @@ def parse_file(path: str | Path) -> ir.Policy:
 
 
 # --------------------------------------------------------------------------- step 1-2: text -> Document
+
+
+def read_document(text: str, file: str | None = None) -> Document:
+    """The file's own statements, ``extends`` not resolved (what ``kvpolicy fmt`` prints)."""
+    return _read(text, file)
 
 
 def _read(text: str, file: str | None) -> Document:
@@ -140,6 +147,8 @@ class _Reader:
     # -- statements -----------------------------------------------------------
     def statement(self, stmt: Tree) -> None:
         self.places = {}
+        self.inner: dict[str, int] = {}
+        span = (stmt.meta.line, stmt.meta.end_line)
         kind = stmt.data
         handler = getattr(self, kind)
         if kind == "score_stmt":
@@ -150,7 +159,7 @@ class _Reader:
                 raise self.error(f"score '{name}' is defined twice (first at line {first})", name_tok)
             self.mark(f"score:{name}", name_tok)
             value = handler(stmt)
-            self.doc.scores[name] = Slot(value, self.places)
+            self.doc.scores[name] = Slot(value, self.places, span)
             return
         if kind == "layer_stmt":
             for ov in handler(stmt):
@@ -158,7 +167,7 @@ class _Reader:
                 if i in self.doc.overrides:
                     first = self.doc.overrides[i].places[f"override:{i}"].loc.line
                     raise self.error(f"layer {i} is overridden twice (first at line {first})", stmt)
-                self.doc.overrides[i] = Slot(ov, {f"override:{i}": self.where(stmt)})
+                self.doc.overrides[i] = Slot(ov, {f"override:{i}": self.where(stmt)}, span)
             return
         key = kind.removesuffix("_stmt").removesuffix("_block")
         key = {"protect": "keep", "select": "per"}.get(key, key)
@@ -167,7 +176,7 @@ class _Reader:
             raise self.error(f"duplicate '{key}' statement (first at line {first})", stmt)
         self.mark(key, stmt)
         value = handler(stmt)
-        self.doc.single[key] = Slot(value, self.places)
+        self.doc.single[key] = Slot(value, self.places, span, self.inner)
 
     def policy_stmt(self, stmt: Tree) -> str:
         return str(stmt.children[0])
@@ -239,6 +248,7 @@ class _Reader:
                     raise self.error("'keep' comes first: keep, then merge, then evict", c)
                 keep = self.keep_class(c)
                 self.mark("per.keep", c)
+                self.inner["keep"] = c.meta.line
             elif c.data == "merge_class":
                 if merge is not None:
                     raise self.error("a selection has one merge class", c)
@@ -250,6 +260,7 @@ class _Reader:
                     raise self.error("'merge' comes before 'evict'", c)
                 merge = self.merge_class(c)
                 self.mark("per.merge", c)
+                self.inner["merge"] = c.meta.line
             else:
                 if evict is not None:
                     raise self.error("a selection has one evict class", c)
@@ -258,6 +269,7 @@ class _Reader:
                     raise self.unknown("evict target", str(into), ("zero_class",), into)
                 evict = ir.Evict("zero_class" if into is not None else "drop")
                 self.mark("per.evict", c)
+                self.inner["evict"] = c.meta.line
         if keep is None:
             raise self.error("the selection has no keep class: add 'keep top SCORE'", stmt)
         return ir.Selection(unit, keep, merge, evict or ir.Evict(), safeguard)
