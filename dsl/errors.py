@@ -13,7 +13,7 @@ import re
 from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from kvpolicy.errors import Loc, PolicyError, did_you_mean
+from kvpolicy.errors import Loc, PolicyError, did_you_mean, source_lines
 
 # How the grammar's named terminals read in an error message.
 _READABLE = {
@@ -57,14 +57,15 @@ def translate(exc: UnexpectedInput, parser: Lark, text: str, file: str | None) -
     line = getattr(exc, "line", None) or 1
     column = getattr(exc, "column", None) or 1
     if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
-        lines = text.splitlines() or [""]
+        lines = source_lines(text) or [""]
         line, column = len(lines), len(lines[-1]) + 1
     if line < 1 or column < 1:
         line, column = 1, 1
     names = getattr(exc, "expected", None) or getattr(exc, "allowed", None) or ()
     shown, keywords = _expected(parser, names)
 
-    src = text.splitlines()[line - 1] if 0 < line <= len(text.splitlines()) else ""
+    all_lines = source_lines(text)
+    src = all_lines[line - 1] if 0 < line <= len(all_lines) else ""
     word_match = _WORD.match(src, column - 1)
     word = word_match.group(0) if word_match else None
 
@@ -73,7 +74,12 @@ def translate(exc: UnexpectedInput, parser: Lark, text: str, file: str | None) -
         what = f"unexpected word '{word}'" if word else f"unexpected character {ch!r}"
     elif isinstance(exc, UnexpectedToken) and exc.token.type not in ("$END",):
         tok = str(exc.token)
-        what = "unexpected end of line" if exc.token.type == "_NL" else f"unexpected '{tok}'"
+        if exc.token.type == "_NL":
+            what = "unexpected end of line"
+        elif exc.token.type == "NAME":
+            what = f"unexpected word '{tok}'"
+        else:
+            what = f"unexpected '{tok}'"
     else:
         what = "unexpected end of file"
 

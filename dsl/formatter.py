@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from kvpolicy import ir
+from kvpolicy.errors import source_lines
 
 
 def number(x: float) -> str:
@@ -221,7 +222,7 @@ def format_source(text: str, file: str | None = None) -> str:
 
     parse(text, file)
     doc = read_document(text, file)
-    split = [_split_comment(l) for l in text.splitlines()]
+    split = [_split_comment(l) for l in source_lines(text)]
 
     # output pieces in canonical order: (kind, value, anchor of each output line)
     pieces: list[tuple[str, object, list]] = []

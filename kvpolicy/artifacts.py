@@ -55,7 +55,11 @@ def search_path(base_dir: Path | None) -> list[Path]:
     dirs = [base_dir] if base_dir else []
     dirs += [Path(d) for d in os.environ.get("KVPOLICY_ARTIFACTS", "").split(os.pathsep) if d]
     dirs.append(shipped_dir())
-    return dirs
+    unique: list[Path] = []
+    for d in dirs:
+        if all(d.resolve() != u.resolve() for u in unique):
+            unique.append(d)
+    return unique
 
 
 def resolve_artifact(name: str, base_dir: Path | None = None) -> Path:
@@ -69,7 +73,7 @@ def resolve_artifact(name: str, base_dir: Path | None = None) -> Path:
         if (d / path).is_file():
             return d / path
     where = ", ".join(str(d) for d in tried)
-    raise ArtifactError(f"artifact '{name}' not found (looked in: {where}); create it with 'kvpolicy calibrate'")
+    raise ArtifactError(f"artifact '{name}' not found (looked in: {where}); an artifact is written by a calibration run on the model")
 
 
 def load_artifact(name: str, kind: str, base_dir: Path | None = None) -> dict[str, Any]:

@@ -23,6 +23,15 @@ class Loc:
     column: int
 
 
+def source_lines(text: str) -> list[str]:
+    """Lines as the parser counts them: split at '\\n' only (``str.splitlines``
+    also splits at form feeds and Unicode separators, which Lark does not)."""
+    lines = [l[:-1] if l.endswith("\r") else l for l in text.split("\n")]
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """The legal name closest to ``word``, if one is close enough to suggest."""
     choices = sorted(set(choices))
@@ -58,7 +67,7 @@ class PolicyError(ValueError):
         self.column = loc.column if loc else None
         self.source_line = None
         if loc and text is not None:
-            lines = text.splitlines()
+            lines = source_lines(text)
             if 1 <= loc.line <= len(lines):
                 self.source_line = lines[loc.line - 1]
         self.expected = tuple(expected) if expected else ()

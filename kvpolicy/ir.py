@@ -109,12 +109,13 @@ class ScoreExpr:
         return self + (-_as_expr(other))
 
     def __neg__(self) -> "WeightedSum":
-        return WeightedSum(((-1.0, self),))
+        return self * -1.0
 
     def __mul__(self, weight: float) -> "WeightedSum":
-        if isinstance(weight, ScoreExpr):
+        if isinstance(weight, ScoreExpr) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError("scores combine by weighted sums; multiply a score by a number")
-        return WeightedSum(((float(weight), self),))
+        # a weighted sum scales term by term, so 2 * (a + b) is 2 * a + 2 * b
+        return WeightedSum(tuple((float(weight) * w, t) for w, t in _terms(self)))
 
     __rmul__ = __mul__
 

@@ -1,0 +1,37 @@
+# Two entry points, each idempotent on a fresh clone:
+#   make demo   install everything, then run the main job
+#   make test   install everything, then run the test suite
+# The virtual environment lives in .venv; it is rebuilt when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The local CPU build of torch; a bare "torch" would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kvpolicy check policies/*.kvp
+	$(VENV)/bin/kvpolicy fmt --check policies/*.kvp
+	$(VENV)/bin/kvpolicy explain ems --prompt-len 4096
+	$(PY) examples/compose.py
+
+# pytest exits 5 when it collected no tests: that is a failure, said plainly.
+test: $(STAMP)
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	exit $$rc
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,125 @@
+"""``kvpolicy`` command line: check, fmt, explain.
+
+Exit status: 0 on success, 1 when a policy has an error (printed in the
+``file:line:col`` format) or ``fmt --check`` finds a file not in canonical
+form, 2 for bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+from kvpolicy.errors import PolicyError
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(f"policy file '{path}' not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read policy file '{path}': {exc}") from None
+
+
+def cmd_check(args) -> int:
+    from kvpolicy.dsl.parser import parse
+
+    failed = 0
+    for path in args.files:
+        try:
+            p = parse(_read(path), path)
+        except PolicyError as exc:
+            print(exc, file=sys.stderr)
+            failed += 1
+            continue
+        if not args.quiet:
+            print(f"ok  {path}  (policy {p.name})")
+    return 1 if failed else 0
+
+
+def cmd_fmt(args) -> int:
+    from kvpolicy.dsl.formatter import format_source
+
+    status = 0
+    for path in args.files:
+        try:
+            text = _read(path)
+            canonical = format_source(text, path)
+        except PolicyError as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
+        if canonical == text:
+            continue
+        if args.check:
+            sys.stdout.writelines(difflib.unified_diff(
+                text.splitlines(True), canonical.splitlines(True), f"{path} (as written)", f"{path} (canonical)"))
+            status = 1
+        elif args.stdout:
+            sys.stdout.write(canonical)
+        else:
+            Path(path).write_text(canonical, encoding="utf-8")
+            print(f"formatted {path}")
+    return status
+
+
+def cmd_explain(args) -> int:
+    from kvpolicy.budgets import DEFAULT_MODEL, ModelShape
+    from kvpolicy.compiler import explain, plan
+    from kvpolicy.registry import load
+
+    try:
+        policy = load(args.policy)
+        custom = args.layers or args.kv_heads or args.q_heads
+        kv = args.kv_heads or DEFAULT_MODEL.num_kv_heads
+        shape = ModelShape(
+            num_layers=args.layers or DEFAULT_MODEL.num_layers,
+            num_kv_heads=kv,
+            num_q_heads=args.q_heads or kv * DEFAULT_MODEL.group_size,
+            name=args.model if args.model is not None else (None if custom else DEFAULT_MODEL.name),
+        )
+        print(explain(plan(policy, shape, args.prompt_len)))
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvpolicy", description="KV-cache compression policies: check, format, explain.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("check", help="parse and check policy files; errors as file:line:col")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    c.set_defaults(run=cmd_check)
+
+    f = sub.add_parser("fmt", help="rewrite policy files in canonical form (comments kept)")
+    f.add_argument("files", nargs="+", metavar="FILE")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="change nothing; show a diff and exit 1 if not canonical")
+    g.add_argument("--stdout", action="store_true", help="print the canonical text instead of rewriting")
+    f.set_defaults(run=cmd_fmt)
+
+    e = sub.add_parser("explain", help="print the compiled stages and the per-layer / per-head budgets")
+    e.add_argument("policy", metavar="POLICY", help="a .kvp file or a shipped policy name (ems, snapkv, ...)")
+    e.add_argument("--layers", type=int, help="model layers (default: SmolLM2-135M's 30)")
+    e.add_argument("--kv-heads", type=int, help="KV heads per layer (default 3)")
+    e.add_argument("--q-heads", type=int, help="query heads per layer (default: 3x the KV heads)")
+    e.add_argument("--prompt-len", type=int, default=4096, help="prompt length in tokens (default 4096)")
+    e.add_argument("--model", help="model name, for its calibration artifacts (default: SmolLM2-135M-Instruct "
+                                   "when no shape is given)")
+    e.set_defaults(run=cmd_explain)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
