@@ -290,7 +290,7 @@ class _Reader:
         if len(args) != 2 or args[0].data != "posarg" or args[1].data != "comparison":
             raise self.error("write similar(keys, cosine > 0.9): what to compare, then metric, '>' or '<', threshold", call)
         target = self.choice(self.plain_atom(args[0].children[0]), ir.MERGE_TARGETS, "merge vector")
-        metric_tok, op_tok, num = args[1].children
+        metric_tok, op_tok, sign, num = args[1].children
         metric = str(metric_tok)
         if metric not in ir.MERGE_METRICS:
             raise self.unknown("similarity metric", metric, ir.MERGE_METRICS, metric_tok)
@@ -298,11 +298,12 @@ class _Reader:
         if str(op_tok) != want:
             raise self.error(
                 f"'{metric}' merges when {'distance' if metric == 'l2' else 'similarity'} is "
-                f"{'below' if want == '<' else 'above'} the threshold: write '{metric} {want} {num}'",
+                f"{'below' if want == '<' else 'above'} the threshold: write '{metric} {want} {sign or ''}{num}'",
                 op_tok,
             )
         opts = self.options(options, {"weight": ir.MERGE_WEIGHTS})
-        return ir.MergeSimilar(target, metric, self.number(num), opts.get("weight", "score"))
+        threshold = self.number(num) * (-1.0 if sign is not None and str(sign) == "-" else 1.0)
+        return ir.MergeSimilar(target, metric, threshold, opts.get("weight", "score"))
 
     def options(self, options: list[Tree], spec: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
