@@ -1,0 +1,87 @@
+"""`kvpolicy check | fmt | explain`, run as a user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvpolicy.cli import main
+from kvpolicy.registry import shipped_path
+from tests.conftest import VALID
+
+POLICIES = sorted(str(p) for p in Path(shipped_path("ems")).parent.glob("*.kvp"))
+
+
+def test_check_all_shipped_policies(capsys):
+    assert main(["check", *POLICIES]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok  ") == len(POLICIES) == 8
+
+
+def test_check_reports_errors_and_exits_1(tmp_path, capsys):
+    bad = tmp_path / "bad.kvp"
+    bad.write_text(VALID.replace("global(norm=mean)", "slobal()"))
+    good = tmp_path / "good.kvp"
+    good.write_text(VALID)
+    assert main(["check", str(good), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:4:11: error: unknown score function 'slobal'" in err
+    assert "did you mean 'global'?" in err
+
+
+def test_check_missing_file(capsys):
+    assert main(["check", "no/such.kvp"]) == 1
+    assert "policy file 'no/such.kvp' not found" in capsys.readouterr().err
+
+
+def test_fmt_check_and_rewrite(tmp_path, capsys):
+    path = tmp_path / "p.kvp"
+    path.write_text("budget 256 tokens   # b\npolicy p\nscore s = local(window=8)\nper head { keep top s }\n")
+    assert main(["fmt", "--check", str(path)]) == 1
+    assert "+  evict rest" in capsys.readouterr().out
+    assert main(["fmt", str(path)]) == 0
+    assert path.read_text() == ("policy p\nbudget 256 tokens  # b\nscore s = local(window=8)\n"
+                                "per head {\n  keep top s\n  evict rest\n}\n")
+    assert main(["fmt", "--check", str(path)]) == 0
+    assert main(["fmt", "--check", *POLICIES]) == 0
+
+
+def test_explain_ems_on_the_default_model(capsys):
+    assert main(["explain", POLICIES[POLICIES.index(str(shipped_path("ems")))]]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct: 30 layers, 9 query heads, 3 KV heads" in out
+    assert "2% of the prompt -> 82 tokens per KV head per layer" in out
+    for stage in ("capture", "score", "aggregate", "protect", "allocate", "classify", "merge", "compact"):
+        assert f". {stage}" in out
+    assert out.count("  82  82 82 82") == 30
+    assert "kept    7380 of 368640 token slots (2.0% of the full cache)" in out
+
+
+def test_explain_custom_shape(capsys):
+    assert main(["explain", "pyramidkv", "--layers", "4", "--kv-heads", "2", "--prompt-len", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "4 layers, 6 query heads, 2 KV heads" in out
+    assert "      0     469  469 469" in out and "      3      43  43 43" in out
+
+
+def test_explain_compresskv_needs_its_artifacts(capsys):
+    # the default model's calibration artifacts are produced by the calibration
+    # step; until they exist the plan cannot give layer budgets, and says why
+    if (shipped_path("ems").parent / "smollm2-135m-instruct.layers.json").exists():
+        pytest.skip("the default model's layer artifact is shipped")
+    assert main(["explain", "compresskv"]) == 1
+    assert "smollm2-135m-instruct.layers.json' not found" in capsys.readouterr().err
+
+
+def test_console_script_and_module_entry_point():
+    exe = Path(sys.executable).parent / "kvpolicy"
+    assert exe.exists(), "pip install -e . installs the 'kvpolicy' console script"
+    out = subprocess.run([str(exe), "check", "-q", *POLICIES], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-m", "kvpolicy", "explain", "snapkv"], capture_output=True, text=True)
+    assert out.returncode == 0 and "policy snapkv" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "kvpolicy", "explain"], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage:" in out.stderr
