@@ -194,30 +194,25 @@ class _Reader:
         unit = "tokens" if amount.data == "tokens" else "percent"
         if unit == "tokens":
             value = self.integer(amount.children[0], "a token budget")
-        opts: dict[str, int] = {}
-        for opt in options:
-            name_tok, num = opt.children
-            name = str(name_tok)
-            if name not in ("floor", "cap"):
-                raise self.unknown("budget option", name, ("floor", "cap"), name_tok)
-            if name in opts:
-                raise self.error(f"'{name}' is given twice", name_tok)
-            self.mark(f"{key}.{name}", name_tok)
-            opts[name] = self.integer(num, f"the budget {name}")
+        opts = self.named_integers(options, ("floor", "cap"), "budget option", key, "the budget {}")
         return ir.Budget(value, unit, opts.get("floor"), opts.get("cap"))
 
     def protect_stmt(self, stmt: Tree) -> ir.Protect:
+        return ir.Protect(**self.named_integers(stmt.children, ("sink", "recent"), "protected set", "keep", "'{}'"))
+
+    def named_integers(self, items: list[Tree], legal: tuple[str, ...], what: str, key: str, label: str) -> dict[str, int]:
+        """``NAME NUMBER`` items (``floor 64``, ``recent 32``): legal names, each once, whole numbers."""
         got: dict[str, int] = {}
-        for item in stmt.children:
+        for item in items:
             name_tok, num = item.children
             name = str(name_tok)
-            if name not in ("sink", "recent"):
-                raise self.unknown("protected set", name, ("sink", "recent"), name_tok)
+            if name not in legal:
+                raise self.unknown(what, name, legal, name_tok)
             if name in got:
                 raise self.error(f"'{name}' is given twice", name_tok)
-            self.mark(f"keep.{name}", name_tok)
-            got[name] = self.integer(num, f"'{name}'")
-        return ir.Protect(**got)
+            self.mark(f"{key}.{name}", name_tok)
+            got[name] = self.integer(num, label.format(name))
+        return got
 
     def score_stmt(self, stmt: Tree) -> ir.ScoreDef:
         name_tok, expr = stmt.children
