@@ -84,6 +84,8 @@ def translate(exc: UnexpectedInput, parser: Lark, text: str, file: str | None) -
         what = "unexpected end of file"
 
     hint = None
+    if {"'%'", "'tokens'"} <= set(shown):
+        hint = "a budget is a number of tokens ('256 tokens') or a share of the prompt ('2%')"
     if word and keywords:
         near = did_you_mean(word, keywords)
         if near and near != word:

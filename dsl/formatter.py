@@ -224,53 +224,54 @@ def format_source(text: str, file: str | None = None) -> str:
     doc = read_document(text, file)
     split = [_split_comment(l) for l in source_lines(text)]
 
-    # output pieces in canonical order: (kind, value, anchor of each output line)
+    # Anchors are (line, column) of statements and class lines; a closing brace
+    # is (line, INF). Comments attach to anchors; output lines carry anchors.
+    INF = 10**9
     pieces: list[tuple[str, object, list]] = []
-    alias: dict = {}  # anchor of a merged override line -> anchor it is printed under
+    alias: dict = {}  # anchor of an override line merged into another's output line -> that one
+    starts: list[tuple[int, int]] = []  # top-level statement anchors
+    blocks: list[tuple[int, int, tuple, list]] = []  # (first line, last line, its anchor, anchors inside)
     for kind in ORDER:
         if kind == "score":
-            pieces += [("score", sl.value, [("stmt", sl.span[0])]) for sl in doc.scores.values()]
+            for sl in doc.scores.values():
+                pieces.append(("score", sl.value, [(sl.span[0], sl.column)]))
+                starts.append((sl.span[0], sl.column))
         elif kind == "layer":
             groups: dict = {}
             for sl in doc.overrides.values():
                 groups.setdefault(sl.value.budget, []).append(sl)
             for b, members in sorted(groups.items(), key=lambda g: min(m.value.layers[0] for m in g[1])):
-                layers = tuple(sorted(m.value.layers[0] for m in members))
-                head = ("stmt", members[0].span[0])
+                head = (members[0].span[0], members[0].column)
                 for m in members:
-                    alias[("stmt", m.span[0])] = head
-                pieces.append(("layer", ir.LayerOverride(layers, b), [head]))
+                    alias[(m.span[0], m.column)] = head
+                    starts.append((m.span[0], m.column))
+                pieces.append(("layer", ir.LayerOverride(tuple(sorted(m.value.layers[0] for m in members)), b), [head]))
         elif kind in doc.single:
             sl = doc.single[kind]
-            anchors = [("stmt", sl.span[0])]
+            anchors: list = [(sl.span[0], sl.column)]
+            starts.append(anchors[0])
             if kind == "per":
                 classes = ["keep"] + (["merge"] if sl.value.merge is not None else []) + ["evict"]
-                anchors += [("class", sl.inner[c]) if c in sl.inner else None for c in classes]
-                anchors.append(("close", sl.span[1]))
+                inside = [sl.inner[c] for c in classes if c in sl.inner] + [(sl.span[1], INF)]
+                anchors += [sl.inner.get(c) for c in classes] + [(sl.span[1], INF)]
+                blocks.append((sl.span[0], sl.span[1], anchors[0], inside))
             pieces.append((kind, sl.value, anchors))
+    first = min(starts)[0] if starts else len(split) + 1
 
-    blocks = [sl.span for sl in doc.single.values() if sl.inner]
-    top = sorted({a[1] for _, _, anch in pieces for a in anch[:1]} | {k[1] for k in alias})
-    first = top[0] if top else len(split) + 1
-
-    def anchor_of_comment_line(n: int):
-        for lo, hi in blocks:
+    def leading_anchor(n: int):
+        for lo, hi, _, inside in blocks:
             if lo < n < hi:  # inside a per block: the next class line, else the closing brace
-                inner = sorted(l for l in doc.single["per"].inner.values() if l > n)
-                return ("class", inner[0]) if inner else ("close", hi)
-        nxt = [l for l in top if l > n]
-        return alias.get(("stmt", nxt[0]), ("stmt", nxt[0])) if nxt else None
+                return min(a for a in inside if a[0] > n)
+        later = [a for a in starts if a[0] > n]
+        return alias.get(min(later), min(later)) if later else None
 
-    def anchor_of_code_line(n: int):
-        for lo, hi in blocks:
-            if lo <= n <= hi:
-                if n == lo:
-                    return ("stmt", lo)
-                inner = doc.single["per"].inner
-                if n in inner.values():
-                    return ("class", n)
-                return ("close", hi) if n == hi else ("stmt", lo)
-        return alias.get(("stmt", n), ("stmt", n))
+    def trailing_anchor(n: int):
+        for lo, hi, opening, inside in blocks:
+            if lo <= n <= hi:  # the last anchor on that line: the opening line, a class, or the close
+                here = [a for a in inside if a[0] == n] + ([opening] if n == lo else [])
+                return max(here) if here else opening
+        here = max(a for a in starts if a[0] == n)
+        return alias.get(here, here)
 
     header, footer = [], []
     leading: dict = {}
@@ -279,11 +280,11 @@ def format_source(text: str, file: str | None = None) -> str:
         if com is None:
             continue
         if code:
-            trailing.setdefault(anchor_of_code_line(n), []).append(com)
+            trailing.setdefault(trailing_anchor(n), []).append(com)
         elif n < first:
             header.append(com)
         else:
-            a = anchor_of_comment_line(n)
+            a = leading_anchor(n)
             (footer if a is None else leading.setdefault(a, [])).append(com)
 
     out = list(header)
@@ -291,7 +292,7 @@ def format_source(text: str, file: str | None = None) -> str:
         out.append("")  # keep the blank line that separated the header
     for kind, value, anchors in pieces:
         for line, anchor in zip(statement(kind, value), anchors):
-            indent = "  " if anchor and anchor[0] == "close" else line[: len(line) - len(line.lstrip())]
+            indent = "  " if anchor and anchor[1] == INF else line[: len(line) - len(line.lstrip())]
             out += [indent + c for c in leading.get(anchor, [])]
             tail = trailing.get(anchor)
             out.append(line + ("  " + " ".join(tail) if tail else ""))

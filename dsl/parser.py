@@ -60,8 +60,11 @@ def lark_parser() -> Lark:
 class Slot:
     value: Any
     places: dict[str, Where]
-    span: tuple[int, int] = (0, 0)  # first and last source line (for the formatter's comments)
-    inner: dict[str, int] = field(default_factory=dict)  # class statement -> its line, in a per block
+    # where the statement sits, for the formatter's comments: first and last line,
+    # first column; in a per block, each class statement's (line, column)
+    span: tuple[int, int] = (0, 0)
+    column: int = 0
+    inner: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,8 +150,8 @@ class _Reader:
     # -- statements -----------------------------------------------------------
     def statement(self, stmt: Tree) -> None:
         self.places = {}
-        self.inner: dict[str, int] = {}
-        span = (stmt.meta.line, stmt.meta.end_line)
+        self.inner: dict[str, tuple[int, int]] = {}
+        span, col = (stmt.meta.line, stmt.meta.end_line), stmt.meta.column
         kind = stmt.data
         handler = getattr(self, kind)
         if kind == "score_stmt":
@@ -159,7 +162,7 @@ class _Reader:
                 raise self.error(f"score '{name}' is defined twice (first at line {first})", name_tok)
             self.mark(f"score:{name}", name_tok)
             value = handler(stmt)
-            self.doc.scores[name] = Slot(value, self.places, span)
+            self.doc.scores[name] = Slot(value, self.places, span, col)
             return
         if kind == "layer_stmt":
             for ov in handler(stmt):
@@ -167,7 +170,7 @@ class _Reader:
                 if i in self.doc.overrides:
                     first = self.doc.overrides[i].places[f"override:{i}"].loc.line
                     raise self.error(f"layer {i} is overridden twice (first at line {first})", stmt)
-                self.doc.overrides[i] = Slot(ov, {f"override:{i}": self.where(stmt)}, span)
+                self.doc.overrides[i] = Slot(ov, {f"override:{i}": self.where(stmt)}, span, col)
             return
         key = kind.removesuffix("_stmt").removesuffix("_block")
         key = {"protect": "keep", "select": "per"}.get(key, key)
@@ -176,7 +179,7 @@ class _Reader:
             raise self.error(f"duplicate '{key}' statement (first at line {first})", stmt)
         self.mark(key, stmt)
         value = handler(stmt)
-        self.doc.single[key] = Slot(value, self.places, span, self.inner)
+        self.doc.single[key] = Slot(value, self.places, span, col, self.inner)
 
     def policy_stmt(self, stmt: Tree) -> str:
         return str(stmt.children[0])
@@ -243,7 +246,7 @@ class _Reader:
                     raise self.error("'keep' comes first: keep, then merge, then evict", c)
                 keep = self.keep_class(c)
                 self.mark("per.keep", c)
-                self.inner["keep"] = c.meta.line
+                self.inner["keep"] = (c.meta.line, c.meta.column)
             elif c.data == "merge_class":
                 if merge is not None:
                     raise self.error("a selection has one merge class", c)
@@ -255,7 +258,7 @@ class _Reader:
                     raise self.error("'merge' comes before 'evict'", c)
                 merge = self.merge_class(c)
                 self.mark("per.merge", c)
-                self.inner["merge"] = c.meta.line
+                self.inner["merge"] = (c.meta.line, c.meta.column)
             else:
                 if evict is not None:
                     raise self.error("a selection has one evict class", c)
@@ -264,7 +267,7 @@ class _Reader:
                     raise self.unknown("evict target", str(into), ("zero_class",), into)
                 evict = ir.Evict("zero_class" if into is not None else "drop")
                 self.mark("per.evict", c)
-                self.inner["evict"] = c.meta.line
+                self.inner["evict"] = (c.meta.line, c.meta.column)
         if keep is None:
             raise self.error("the selection has no keep class: add 'keep top SCORE'", stmt)
         return ir.Selection(unit, keep, merge, evict or ir.Evict(), safeguard)

@@ -52,14 +52,14 @@ def cmd_fmt(args) -> int:
             print(exc, file=sys.stderr)
             status = 1
             continue
-        if canonical == text:
+        if args.stdout:
+            sys.stdout.write(canonical)
+        elif canonical == text:
             continue
-        if args.check:
+        elif args.check:
             sys.stdout.writelines(difflib.unified_diff(
                 text.splitlines(True), canonical.splitlines(True), f"{path} (as written)", f"{path} (canonical)"))
             status = 1
-        elif args.stdout:
-            sys.stdout.write(canonical)
         else:
             Path(path).write_text(canonical, encoding="utf-8")
             print(f"formatted {path}")
@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # `kvpolicy explain ems | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

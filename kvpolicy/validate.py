@@ -46,8 +46,13 @@ class Locator:
             key = key[:cut] if cut > 0 else ""
         return None
 
-    def error(self, message: str, key: str, **kw) -> PolicyError:
-        w = self.find(key)
+    def error(self, message: str, *keys: str, **kw) -> PolicyError:
+        """An error located at the first of ``keys`` written in the file being
+        read (so a policy that ``extends`` another is told about its own line),
+        else at the first of them found anywhere."""
+        found = [w for w in map(self.find, keys) if w is not None]
+        own = [w for w in found if w.file == self.file]
+        w = (own or found or [None])[0]
         if w is None:
             return PolicyError(message, file=self.file, **kw)
         return PolicyError(message, file=w.file, loc=w.loc, text=w.text, **kw)
@@ -63,8 +68,8 @@ class _Checker:
         self.p = policy
         self.at = at
 
-    def fail(self, message: str, key: str, **kw) -> PolicyError:
-        return self.at.error(message, key, **kw)
+    def fail(self, message: str, *keys: str, **kw) -> PolicyError:
+        return self.at.error(message, *keys, **kw)
 
     def run(self) -> None:
         p = self.p
@@ -114,7 +119,7 @@ class _Checker:
             raise self.fail(
                 f"the protected tokens (sink {pr.sink} + recent {pr.recent} = {pr.total}) fill the whole "
                 f"budget of {tb} tokens, so nothing is left to select",
-                "keep",
+                "keep", "budget",
             )
 
     # ------------------------------------------------------------------ scores
@@ -158,7 +163,7 @@ class _Checker:
             if tb is not None and e.window >= tb:
                 raise self.fail(
                     f"the observation window ({e.window}) is not smaller than the budget ({tb} tokens)",
-                    f"{key}:local.window",
+                    f"{key}:local.window", "budget",
                 )
             if e.pool is not None:
                 if e.pool.size < 1 or e.pool.size % 2 == 0:

@@ -51,7 +51,8 @@ GOLDEN = [
     ("protected-fill-budget", replace_line("budget", "budget 36 tokens").replace("window=32", "window=8"), 3, 1,
      "the protected tokens (sink 4 + recent 32 = 36) fill the whole budget of 36 tokens", None),
     ("no-name", VALID.replace("policy demo\n", "# nameless\n"), 1, 1, "the policy has no name", None),
-    ("bad-character", replace_line("budget", "budget 2$"), 2, 9, "unexpected character '$'", None),
+    ("bad-character", replace_line("budget", "budget 2$"), 2, 9, "unexpected character '$'",
+     "a budget is a number of tokens ('256 tokens') or a share of the prompt ('2%')"),
     ("even-pool", replace_line("score l", "score l = local(window=32, pool=avg(4))"), 5, 28,
      "pool size 4 must be odd", None),
     ("misspelt-option", replace_line("score l", "score l = local(windw=32)"), 5, 17,
@@ -122,12 +123,29 @@ def test_expected_tokens_are_listed():
 
 
 def test_error_in_extended_file_points_into_that_file(tmp_path):
+    (tmp_path / "base.kvp").write_text(VALID.replace("pool=max(7)", "pool=max(4)"))
+    child = tmp_path / "child.kvp"
+    child.write_text('extends "base.kvp"\npolicy child\n')
+    with pytest.raises(PolicyError) as info:
+        parse(child.read_text(), str(child))
+    err = info.value
+    assert err.file == str(tmp_path / "base.kvp")
+    assert (err.line, err.column) == (5, 28)
+    assert "pool size 4 must be odd" in err.message
+
+
+def test_conflict_with_a_parent_line_blames_the_childs_line(tmp_path):
     (tmp_path / "base.kvp").write_text(VALID.replace("score l = local(window=32", "score l = local(window=200"))
     child = tmp_path / "child.kvp"
     child.write_text('extends "base.kvp"\npolicy child\nbudget 128 tokens\n')
     with pytest.raises(PolicyError) as info:
         parse(child.read_text(), str(child))
     err = info.value
-    assert err.file == str(tmp_path / "base.kvp")
-    assert (err.line, err.column) == (5, 17)
+    assert (err.file, err.line, err.column) == (str(child), 3, 1)
     assert "the observation window (200) is not smaller than the budget (128 tokens)" in err.message
+
+
+def test_budget_without_unit_hints_at_both_forms():
+    with pytest.raises(PolicyError) as info:
+        parse("policy x\nbudget 0.05\n")
+    assert "'256 tokens'" in info.value.hint and "'2%'" in info.value.hint

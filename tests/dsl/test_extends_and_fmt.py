@@ -105,3 +105,12 @@ def test_fmt_orders_statements_and_keeps_every_comment():
 def test_fmt_keeps_extends_and_does_not_flatten():
     text = "policy p\nextends snapkv\nbudget 128 tokens\n"
     assert format_source(text) == "policy p\nextends snapkv\nbudget 128 tokens\n"
+
+
+def test_fmt_does_not_copy_comments_across_statements_on_one_line():
+    text = ("policy p; budget 256 tokens\n# above\nkeep recent 32; score s = local(window=8)  # pair\n"
+            "per head { keep top s ; evict rest   # trailing\n}\n")
+    out = format_source(text)
+    assert out.count("# above") == 1 and out.count("# pair") == 1 and out.count("# trailing") == 1
+    assert "# above\nkeep recent 32\n" in out and "score s = local(window=8)  # pair\n" in out
+    assert format_source(out) == out
