@@ -104,6 +104,18 @@ def parse_file(path: str | Path) -> ir.Policy:
 # --------------------------------------------------------------------------- step 1-2: text -> Document
 
 
+def parse_budget(text: str) -> ir.Budget:
+    """The budget part of a ``budget`` line: ``"5%, floor 128"``."""
+    source = f"budget {text}"
+    try:
+        slot = _read(source, None).single.get("budget")
+    except PolicyError as exc:
+        raise PolicyError(f"budget {text!r}: {exc.message}", expected=exc.expected, hint=exc.hint) from None
+    if slot is None or "\n" in text or ";" in text:
+        raise PolicyError(f"budget {text!r}: expected one budget such as '256 tokens' or '2%, floor 64'")
+    return slot.value
+
+
 def read_document(text: str, file: str | None = None) -> Document:
     """The file's own statements, ``extends`` not resolved (what ``kvpolicy fmt`` prints)."""
     return _read(text, file)

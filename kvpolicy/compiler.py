@@ -18,6 +18,7 @@ from kvpolicy.budgets import ModelShape, layer_budgets, pooled_head_floor
 from kvpolicy.dsl.formatter import expr as format_expr
 from kvpolicy.dsl.formatter import layers as format_layers
 from kvpolicy.dsl.formatter import selection as format_selection
+from kvpolicy.errors import PolicyError
 
 STAGES = ("capture", "score", "aggregate", "protect", "allocate", "classify", "merge", "compact")
 
@@ -84,6 +85,14 @@ def referenced_terms(policy: ir.Policy) -> list[ir.ScoreExpr]:
 def plan(policy: ir.Policy, shape: ModelShape, prompt_len: int, *, base_dir: Path | None = None) -> Plan:
     budgets = layer_budgets(policy, shape, prompt_len, base_dir=base_dir)
     B = policy.budget.tokens_for(prompt_len)
+    windows = [t.window for t in referenced_terms(policy) if isinstance(t, ir.LocalAttention)]
+    for layer, b in enumerate(budgets):
+        if windows and b < prompt_len and max(windows) > b:
+            raise PolicyError(
+                f"at a {prompt_len}-token prompt layer {layer} keeps {b} tokens, fewer than the observation "
+                f"window ({max(windows)} queries); raise the budget (or its floor) or shrink the window",
+                file=policy.source,
+            )
     return Plan(policy, shape, prompt_len, B, budgets, tuple(_stages(policy, shape, prompt_len)))
 
 
@@ -151,7 +160,13 @@ def explain(pl: Plan) -> str:
                f"(group of {s.group_size})")
     b = p.budget
     given = f"{b.amount:g}% of the prompt" if b.unit == "percent" else f"{int(b.amount)} tokens"
-    out.append(f"budget  {given} -> {pl.budget} tokens per KV head per layer (mean) for a {pl.prompt_len}-token prompt")
+    tokens = f"{pl.budget} token{'s' if pl.budget != 1 else ''}"
+    out.append(f"budget  {given} -> B = {tokens} per KV head per layer for a {pl.prompt_len}-token prompt"
+               + (f", raised to the {p.protect.total} protected tokens" if pl.budget < min(p.protect.total, pl.prompt_len) else ""))
+    t = p.trigger
+    when = (["after prefill"] if t.prefill else []) + (
+        [f"every {t.decode_every} decoded tokens once over budget"] if t.decode_every else [])
+    out.append(f"trigger {'; '.join(when)}")
     out.append("")
     out.append("stages (run per layer):")
     for i, st in enumerate(pl.stages, 1):
@@ -163,6 +178,8 @@ def explain(pl: Plan) -> str:
         out.append(f"  {layer:>5}  {lb:>6}  {pl.head_budgets(layer)}")
     pct = 100.0 * pl.kept_slots / pl.total_slots
     out.append("")
-    out.append(f"kept    {pl.kept_slots} of {pl.total_slots} token slots ({pct:.1f}% of the full cache)"
+    mean = sum(pl.layer_budgets) / len(pl.layer_budgets)
+    out.append(f"kept    {pl.kept_slots} of {pl.total_slots} token slots ({pct:.1f}% of the full cache); "
+               f"mean layer budget {mean:.1f} tokens"
                + ("" if pl.compresses else "; nothing is compressed at this prompt length"))
     return "\n".join(out)

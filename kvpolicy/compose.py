@@ -21,7 +21,6 @@ Building blocks make new policies; arithmetic on scores builds weighted sums::
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from kvpolicy import ir
@@ -32,7 +31,8 @@ from kvpolicy.validate import validate
 
 
 def as_budget(b: "ir.Budget | int | str") -> ir.Budget:
-    """``256`` or ``"256 tokens"`` -> tokens; ``"2%"`` -> 2 percent of the prompt."""
+    """``256`` or ``"256 tokens"`` -> tokens; ``"2%"`` -> 2 percent of the prompt;
+    any budget the language accepts, e.g. ``"5%, floor 128, cap 2048"``."""
     if isinstance(b, ir.Budget):
         return b
     if isinstance(b, bool) or isinstance(b, float):
@@ -40,14 +40,13 @@ def as_budget(b: "ir.Budget | int | str") -> ir.Budget:
     if isinstance(b, int):
         return ir.Budget(b, "tokens")
     if isinstance(b, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|tokens?)?\s*", b)
-        if m:
-            value = float(m.group(1))
-            if m.group(2) == "%":
-                return ir.Budget(value, "percent")
-            if value.is_integer():
-                return ir.Budget(int(value), "tokens")
-    raise PolicyError(f"budget {b!r}: expected an int number of tokens, '256 tokens' or a share like '2%'")
+        if b.strip().isdigit():
+            return ir.Budget(int(b), "tokens")
+        from kvpolicy.dsl.parser import parse_budget
+
+        return parse_budget(b)
+    raise PolicyError(f"budget {b!r}: expected an int number of tokens or a string such as '256 tokens', "
+                      "'2%' or '5%, floor 128'")
 
 
 # --------------------------------------------------------------------------- score terms

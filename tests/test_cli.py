@@ -47,17 +47,37 @@ def test_fmt_check_and_rewrite(tmp_path, capsys):
                                 "per head {\n  keep top s\n  evict rest\n}\n")
     assert main(["fmt", "--check", str(path)]) == 0
     assert main(["fmt", "--check", *POLICIES]) == 0
+    capsys.readouterr()
+    assert main(["fmt", "--stdout", str(path)]) == 0  # canonical already: still printed
+    assert capsys.readouterr().out == path.read_text()
+
+
+def test_explain_shows_decode_trigger_and_protected_floor(tmp_path, capsys):
+    path = tmp_path / "p.kvp"
+    path.write_text("extends snapkv\npolicy p\nbudget 1%\ntrigger prefill, every 128 tokens\n")
+    assert main(["explain", str(path), "--prompt-len", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "1% of the prompt -> B = 10 tokens per KV head per layer for a 1000-token prompt, raised to the 32 protected tokens" in out
+    assert "trigger after prefill; every 128 decoded tokens once over budget" in out
+
+
+def test_explain_refuses_a_window_larger_than_a_layer_budget(tmp_path, capsys):
+    path = tmp_path / "p.kvp"
+    path.write_text("policy p\nbudget 1%\nkeep sink 4, recent 64\nscore s = local(window=128)\nper head { keep top s }\n")
+    assert main(["explain", str(path), "--prompt-len", "4096"]) == 1
+    assert "layer 0 keeps 68 tokens, fewer than the observation window (128 queries)" in capsys.readouterr().err
 
 
 def test_explain_ems_on_the_default_model(capsys):
     assert main(["explain", POLICIES[POLICIES.index(str(shipped_path("ems")))]]) == 0
     out = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct: 30 layers, 9 query heads, 3 KV heads" in out
-    assert "2% of the prompt -> 82 tokens per KV head per layer" in out
+    assert "2% of the prompt -> B = 82 tokens per KV head per layer for a 4096-token prompt" in out
+    assert "trigger after prefill" in out
     for stage in ("capture", "score", "aggregate", "protect", "allocate", "classify", "merge", "compact"):
         assert f". {stage}" in out
     assert out.count("  82  82 82 82") == 30
-    assert "kept    7380 of 368640 token slots (2.0% of the full cache)" in out
+    assert "kept    7380 of 368640 token slots (2.0% of the full cache); mean layer budget 82.0 tokens" in out
 
 
 def test_explain_custom_shape(capsys):

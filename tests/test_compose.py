@@ -67,6 +67,9 @@ def test_python_policies_get_the_same_checks():
         kp.policy("x", 64, scores=dict(s=kp.recency()), select=kp.per_head("nope"))
     with pytest.raises(kp.PolicyError, match="give tokens as an int"):
         kp.as_budget(0.02)
-    with pytest.raises(kp.PolicyError, match="expected an int number of tokens"):
+    with pytest.raises(kp.PolicyError, match="budget '2 percent': unexpected word 'percent'"):
         kp.as_budget("2 percent")
-    assert kp.as_budget("256 tokens") == kp.as_budget(256) == ir.Budget(256, "tokens")
+    with pytest.raises(kp.PolicyError, match="expected one budget"):
+        kp.as_budget("5%; policy x")
+    assert kp.as_budget("256 tokens") == kp.as_budget(256) == kp.as_budget("256") == ir.Budget(256, "tokens")
+    assert kp.as_budget("5%, floor 128") == ir.Budget(5.0, "percent", floor=128)
