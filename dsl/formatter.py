@@ -291,7 +291,7 @@ def format_source(text: str, file: str | None = None) -> str:
     if header and not split[first - 2][0] and split[first - 2][1] is None:
         out.append("")  # keep the blank line that separated the header
     for kind, value, anchors in pieces:
-        for line, anchor in zip(statement(kind, value), anchors):
+        for line, anchor in zip(statement(kind, value), anchors, strict=True):
             indent = "  " if anchor and anchor[1] == INF else line[: len(line) - len(line.lstrip())]
             out += [indent + c for c in leading.get(anchor, [])]
             tail = trailing.get(anchor)

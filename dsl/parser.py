@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedInput
@@ -37,8 +37,6 @@ from kvpolicy.dsl.errors import translate
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 
-# Statement kinds that may appear once per file (a child file may override them).
-SINGLE_STATEMENTS = ("policy", "description", "extends", "budget", "keep", "per", "layers", "trigger")
 
 SCORE_TERMS = ("global", "local", "key_norm", "value_norm", "recency")
 NORMALIZERS = ("mean_align", "zscore", "rank")

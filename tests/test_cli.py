@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvpolicy.cli import main
+from kvpolicy.compiler import STAGES
 from kvpolicy.registry import shipped_path
 from tests.conftest import VALID
 
@@ -74,7 +75,7 @@ def test_explain_ems_on_the_default_model(capsys):
     assert "SmolLM2-135M-Instruct: 30 layers, 9 query heads, 3 KV heads" in out
     assert "2% of the prompt -> B = 82 tokens per KV head per layer for a 4096-token prompt" in out
     assert "trigger after prefill" in out
-    for stage in ("capture", "score", "aggregate", "protect", "allocate", "classify", "merge", "compact"):
+    for stage in STAGES:  # EMS uses every stage
         assert f". {stage}" in out
     assert out.count("  82  82 82 82") == 30
     assert "kept    7380 of 368640 token slots (2.0% of the full cache); mean layer budget 82.0 tokens" in out
