@@ -563,7 +563,7 @@ class _Reader:
         try:
             return json.loads(str(tok), strict=False)
         except json.JSONDecodeError:
-            raise self.error("bad escape in string (use \\\", \\\\, \\n or \\uXXXX)", tok) from None
+            raise self.error("bad escape in string (use \\\", \\\\, \\n or \\u00e9)", tok) from None
 
 
 # --------------------------------------------------------------------------- step 3: extends, build
