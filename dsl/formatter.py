@@ -111,6 +111,8 @@ def selection(s: ir.Selection) -> list[str]:
         line = f"  merge similar({m.target}, {m.metric} {m.op} {number(m.threshold)}) into centers"
         if m.weight != "score":
             line += f", weight={m.weight}"
+        if m.cover is not None:
+            line += f", cover={number(m.cover)}"
         lines.append(line)
     lines.append("  evict rest" + (" into zero_class" if s.evict.into == "zero_class" else ""))
     lines.append("}")

@@ -309,9 +309,9 @@ class _Reader:
                 f"{'below' if want == '<' else 'above'} the threshold: write '{metric} {want} {sign or ''}{num}'",
                 op_tok,
             )
-        opts = self.options(options, {"weight": ir.MERGE_WEIGHTS})
+        opts = self.options(options, {"weight": ir.MERGE_WEIGHTS, "cover": "number"})
         threshold = self.number(num) * (-1.0 if sign is not None and str(sign) == "-" else 1.0)
-        return ir.MergeSimilar(target, metric, threshold, opts.get("weight", "score"))
+        return ir.MergeSimilar(target, metric, threshold, opts.get("weight", "score"), opts.get("cover"))
 
     def options(self, options: list[Tree], spec: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}

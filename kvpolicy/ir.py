@@ -266,12 +266,16 @@ class MergeSimilar:
     kept one (its class centre) into that centre: ``metric > threshold`` for
     ``cosine``/``dot``, ``l2 < threshold``. The centre becomes the weighted
     average of its members' K and V; ``weight="score"`` weights by importance
-    score, ``"uniform"`` equally (EMS, arXiv 2412.08521, evict-then-merge)."""
+    score, ``"uniform"`` equally (EMS, arXiv 2412.08521, evict-then-merge).
+    With ``cover=q`` only the not-kept tokens needed to bring the head's kept
+    score mass up to ``q`` of its total may merge (a sparse head evicts its
+    tail instead); see :mod:`kvpolicy.reference.merge`."""
 
     target: MergeTarget = "keys"
     metric: MergeMetric = "cosine"
     threshold: float = 0.9
     weight: MergeWeight = "score"
+    cover: float | None = None
 
     @property
     def op(self) -> str:

@@ -239,6 +239,8 @@ class _Checker:
                 raise self.fail(f"an l2 distance threshold is 0 or more, got {_num(m.threshold)}", "per.merge")
             if not math.isfinite(m.threshold):
                 raise self.fail("the merge threshold must be a finite number", "per.merge")
+            if m.cover is not None and not (0 < m.cover <= 1):
+                raise self.fail(f"cover={_num(m.cover)} is a share of the score mass, in (0, 1]", "per.merge")
         if s.evict.into == "zero_class" and m is None:
             raise self.fail(
                 "'evict rest into zero_class' only matters beside a merge class; without one write 'evict rest'",

@@ -56,7 +56,7 @@ def selections(draw, score_names: list[str]) -> ir.Selection:
         metric = draw(st.sampled_from(ir.MERGE_METRICS))
         threshold = draw(st.floats(-1, 1) if metric == "cosine" else st.floats(0, 100))
         merge = ir.MergeSimilar(draw(st.sampled_from(ir.MERGE_TARGETS)), metric, threshold,
-                                draw(st.sampled_from(ir.MERGE_WEIGHTS)))
+                                draw(st.sampled_from(ir.MERGE_WEIGHTS)), draw(st.one_of(st.none(), st.floats(0.01, 1.0))))
     evict = ir.Evict(draw(st.sampled_from(["drop", "zero_class"])) if merge else "drop")
     safeguard = draw(st.floats(0, 1)) if unit == "pooled" else None
     return ir.Selection(unit, keep, merge, evict, safeguard)

@@ -1,0 +1,164 @@
+"""Policy -> executable per-layer pipeline (DESIGN § Execution).
+
+:func:`compile_pipeline` does the per-request work once (``plan()``): layer
+budgets, retrieval heads per layer, the protected set. :meth:`Pipeline.compress`
+runs one layer (``run()``): score -> aggregate -> protect -> allocate ->
+classify -> merge -> compact, each stage from the pipeline's :class:`Backend`.
+The reference backend is pure torch and exact; the Triton backend (later)
+provides the same signatures for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from kvpolicy import ir
+from kvpolicy.artifacts import ArtifactError, load_artifact, model_artifact_name
+from kvpolicy.budgets import ModelShape
+from kvpolicy.compiler import Plan, plan, referenced_terms
+from kvpolicy.errors import PolicyError
+from kvpolicy.reference import attention, merge, select
+from kvpolicy.reference.scores import LayerInputs, ScoreContext, evaluate_all
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Stage implementations, all with the reference signatures."""
+
+    name: str
+    accumulated_attention: Callable[..., Tensor]
+    window_attention: Callable[..., Tensor]
+    pick: Callable[..., select.Picks]
+    classify: Callable[..., merge.Classes]
+    scatter: Callable[..., tuple[Tensor, Tensor]]
+
+
+REFERENCE = Backend("reference", attention.accumulated_attention, attention.window_attention,
+                    select.pick, merge.classify, merge.scatter)
+
+
+@dataclass
+class CompressedLayer:
+    """One layer's compressed KV, per KV head.
+
+    keys, values: ``[H_kv, K, d]``; positions: ``[H_kv, K]`` the original
+    position of each kept token (its class centre for merged ones), ``-1`` in
+    unused slots; counts: ``[H_kv]`` valid slots per head; merged / evicted:
+    ``[H_kv]`` tokens folded into centres / dropped.
+    """
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    counts: Tensor
+    merged: Tensor
+    evicted: Tensor
+
+    @property
+    def uniform(self) -> bool:
+        return bool((self.counts == self.counts[0]).all())
+
+    def rank_slot(self) -> tuple[Tensor, Tensor]:
+        """``[H_kv, B, d]`` keys and values when every head keeps ``B`` tokens:
+        slot ``j`` holds each head's ``j``-th kept token (DESIGN § rank-slot)."""
+        if not self.uniform:
+            raise ValueError(f"heads keep different counts {self.counts.tolist()}: no rank-slot layout")
+        return self.keys, self.values
+
+    def head(self, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        n = int(self.counts[h])
+        return self.keys[h, :n], self.values[h, :n], self.positions[h, :n]
+
+
+@dataclass
+class Pipeline:
+    policy: ir.Policy
+    plan: Plan
+    retrieval: dict[ir.RetrievalHeads, list[tuple[int, ...]]]  # per layer voting query heads
+    backend: Backend = REFERENCE
+
+    @property
+    def window(self) -> int:
+        """How many trailing prompt queries the capture must keep (0: none)."""
+        ws = [t.window for t in referenced_terms(self.policy) if isinstance(t, ir.LocalAttention)]
+        return max(ws, default=0)
+
+    @property
+    def needs_accumulated(self) -> bool:
+        return any(isinstance(t, ir.GlobalAttention) for t in referenced_terms(self.policy))
+
+    def capture(self, queries: Tensor, keys: Tensor, values: Tensor) -> LayerInputs:
+        """The inputs of one layer from its full prompt queries ``[H, N, d]``."""
+        n_rep = self.plan.shape.group_size
+        acc = self.backend.accumulated_attention(queries, keys, n_rep) if self.needs_accumulated else None
+        w = min(self.window, queries.shape[1])
+        return LayerInputs(keys, values, queries[:, queries.shape[1] - w:] if w else None, acc)
+
+    def compress(self, layer: int, inputs: LayerInputs) -> CompressedLayer:
+        """Compress one layer's KV (``[H_kv, N, d]``, ``N`` = the planned prompt length)."""
+        keys, values = inputs.keys, inputs.values
+        H_kv, N, _ = keys.shape
+        if N != self.plan.prompt_len:
+            raise ValueError(f"the pipeline was planned for {self.plan.prompt_len} tokens, got {N}")
+        B = self.plan.layer_budgets[layer]
+        device = keys.device
+        sel = self.policy.selection
+        if sel is None or B >= N:
+            pos = torch.arange(N, device=device).expand(H_kv, N).contiguous()
+            zeros = torch.zeros(H_kv, dtype=torch.long, device=device)
+            return CompressedLayer(keys, values, pos, torch.full((H_kv,), N, device=device), zeros, zeros)
+        protected = select.protected_mask(N, self.policy.protect, device)
+        candidates = ~protected
+        ctx = ScoreContext(inputs, self.plan.shape.group_size, candidates,
+                           {h: per_layer[layer] for h, per_layer in self.retrieval.items()},
+                           self.backend.window_attention)
+        score = evaluate_all(self.policy, ctx)[sel.keep.score]
+        c = B - int(protected.sum())
+        picks = self.backend.pick(sel, score, candidates, c)
+        centres = picks.mask(N)
+        kept = centres | protected[None, :]
+        classes = self.backend.classify(keys, values, score, kept, centres, sel.merge, protected)
+        k, v = self.backend.scatter(keys, values, classes)
+        return CompressedLayer(k, v, classes.kept_positions, kept.sum(dim=1), classes.merged, classes.evicted)
+
+
+def compile_pipeline(policy: ir.Policy, shape: ModelShape, prompt_len: int, *,
+                     base_dir: Path | None = None, backend: Backend = REFERENCE) -> Pipeline:
+    """Plan ``policy`` for a model and prompt length; resolve its artifacts."""
+    pl = plan(policy, shape, prompt_len, base_dir=base_dir)
+    retrieval = {}
+    for t in referenced_terms(policy):
+        heads = getattr(t, "heads", None)
+        if isinstance(heads, ir.RetrievalHeads) and heads not in retrieval:
+            retrieval[heads] = retrieval_heads(policy, heads, shape, base_dir)
+    return Pipeline(policy, pl, retrieval, backend)
+
+
+def retrieval_heads(policy: ir.Policy, heads: ir.RetrievalHeads, shape: ModelShape,
+                    base_dir: Path | None = None) -> list[tuple[int, ...]]:
+    """Per layer, the ``top`` best query heads of the heads artifact."""
+    name = heads.artifact
+    if name is None:
+        if shape.name is None:
+            raise PolicyError("retrieval() without a path uses the model's own heads artifact, so the model must be named",
+                              file=policy.source)
+        name = model_artifact_name(shape.name, "retrieval_heads")
+    if base_dir is None and policy.source:
+        base_dir = Path(policy.source).parent
+    try:
+        data = load_artifact(name, "retrieval_heads", base_dir=base_dir)
+    except ArtifactError as exc:
+        raise PolicyError(str(exc), file=policy.source) from None
+    if (data["num_layers"], data["num_heads"]) != (shape.num_layers, shape.num_q_heads):
+        raise PolicyError(
+            f"artifact '{name}' is for {data['num_layers']} layers x {data['num_heads']} heads, "
+            f"the model has {shape.num_layers} x {shape.num_q_heads}", file=policy.source)
+    if heads.top > shape.num_q_heads:
+        raise PolicyError(f"retrieval(top={heads.top}) but layers have {shape.num_q_heads} query heads",
+                          file=policy.source)
+    return [tuple(row[: heads.top]) for row in data["ranked"]]

@@ -1,0 +1,61 @@
+"""Attention statistics the scores read: observation-window attention and
+attention accumulated over the whole prompt, never as an N x N matrix.
+
+Shapes: ``H`` query heads, ``H_kv`` KV heads, ``n_rep = H // H_kv`` (query
+head ``h`` reads KV head ``h // n_rep``), ``N`` prompt tokens, ``W`` window
+queries, ``d`` head dim. Keys and queries are after RoPE. Softmax in fp32 with
+scale ``1 / sqrt(d)``, causal: the query at position ``i`` sees keys ``j <= i``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def expand_kv(x: Tensor, n_rep: int) -> Tensor:
+    """``[H_kv, N, d] -> [H_kv * n_rep, N, d]`` with query head ``h`` reading KV head ``h // n_rep``."""
+    return x.repeat_interleave(n_rep, dim=0) if n_rep > 1 else x
+
+
+def window_attention(queries: Tensor, keys: Tensor, n_rep: int, window: int | None = None) -> Tensor:
+    """Softmax rows of the last ``window`` prompt queries over all ``N`` keys.
+
+    ``queries [H, W_cap, d]`` are the last ``W_cap`` prompt queries (positions
+    ``N - W_cap .. N - 1``); ``window <= W_cap`` of them are used.
+    Returns ``[H, window, N]`` fp32 probabilities (SnapKV, arXiv 2404.14469 eq. 1).
+    """
+    H, W_cap, d = queries.shape
+    N = keys.shape[1]
+    w = W_cap if window is None else window
+    if not 1 <= w <= W_cap:
+        raise ValueError(f"window {w} needs 1..{W_cap} captured queries")
+    q = queries[:, W_cap - w:].float()
+    k = expand_kv(keys, n_rep).float()
+    logits = torch.einsum("hwd,hnd->hwn", q, k) / math.sqrt(d)
+    q_pos = torch.arange(N - w, N, device=keys.device)[:, None]
+    logits = logits.masked_fill(torch.arange(N, device=keys.device)[None, :] > q_pos, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int = 256) -> Tensor:
+    """``s[h, j] = sum_i softmax(q_i K^T / sqrt(d))[j]`` over all prompt queries
+    ``i >= j`` (H2O's accumulated attention, arXiv 2306.14048 §3).
+
+    ``queries [H, N, d]``, ``keys [H_kv, N, d]`` -> ``[H, N]`` fp32. Queries are
+    taken ``block`` at a time against the keys they can see, so memory is
+    ``H * block * N``, never ``N * N``.
+    """
+    H, N, d = queries.shape
+    k = expand_kv(keys, n_rep).float()
+    acc = torch.zeros(H, N, dtype=torch.float32, device=keys.device)
+    for start in range(0, N, block):
+        stop = min(start + block, N)
+        q = queries[:, start:stop].float()
+        logits = torch.einsum("hbd,hnd->hbn", q, k[:, :stop]) / math.sqrt(d)
+        q_pos = torch.arange(start, stop, device=keys.device)[:, None]
+        logits = logits.masked_fill(torch.arange(stop, device=keys.device)[None, :] > q_pos, float("-inf"))
+        acc[:, :stop] += torch.softmax(logits, dim=-1).sum(dim=1)
+    return acc

@@ -1,0 +1,172 @@
+"""Score expressions evaluated on one layer's tensors (pure torch, exact).
+
+Every term ends as ``[H_kv, N]`` fp32: attention terms are computed per query
+head, pooled along tokens per query head, then reduced to KV heads (GQA mean or
+max over the group ``h // n_rep``, as kvpress and SnapKV do), or, with
+retrieval heads, averaged over the layer's voting heads and shared by every KV
+head (CompressKV, arXiv 2508.02401 §3.2). Normalisers take their statistics
+over the *candidate* tokens only (the ones not protected), per KV head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvpolicy import ir
+from kvpolicy.reference.attention import window_attention
+
+EPS = 1e-12
+
+
+@dataclass
+class LayerInputs:
+    """What one layer's compression reads.
+
+    keys, values: ``[H_kv, N, d]`` (keys after RoPE); queries: ``[H, W, d]``, the
+    last ``W`` prompt queries (``W`` at least every ``local()`` window);
+    accumulated: ``[H, N]`` attention summed over all prompt queries (needed by
+    ``global()``; see :func:`~kvpolicy.reference.attention.accumulated_attention`).
+    """
+
+    keys: Tensor
+    values: Tensor
+    queries: Tensor | None = None
+    accumulated: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+
+@dataclass
+class ScoreContext:
+    inputs: LayerInputs
+    n_rep: int
+    candidates: Tensor  # [N] bool: True where a token is scored (not protected)
+    # this layer's voting query heads for each retrieval-head set the policy uses
+    retrieval_heads: dict[ir.RetrievalHeads, tuple[int, ...]] = field(default_factory=dict)
+    window_attention: Callable[..., Tensor] = window_attention  # a backend may supply its own
+    named: dict[str, Tensor] = field(default_factory=dict)
+
+
+def pool_tokens(scores: Tensor, pool: ir.Pool | None) -> Tensor:
+    """1-D pooling along the last axis, stride 1, same length; ``avg`` counts the
+    zero padding (``count_include_pad``), as SnapKV's ``avg_pool1d`` does."""
+    if pool is None or pool.size == 1 or scores.shape[-1] == 0:
+        return scores
+    x = scores.unsqueeze(1)
+    pad = pool.size // 2
+    if pool.kind == "avg":
+        out = F.avg_pool1d(x, pool.size, stride=1, padding=pad, count_include_pad=True)
+    else:
+        out = F.max_pool1d(F.pad(x, (pad, pad), value=float("-inf")), pool.size, stride=1)
+    return out.squeeze(1)
+
+
+def to_kv_heads(per_query_head: Tensor, term, ctx: ScoreContext) -> Tensor:
+    """``[H, N] -> [H_kv, N]`` by the term's head set and GQA reduction."""
+    H, N = per_query_head.shape
+    H_kv = H // ctx.n_rep
+    if isinstance(term.heads, ir.RetrievalHeads):
+        if term.heads not in ctx.retrieval_heads:
+            raise ValueError("a retrieval-head score needs the layer's retrieval heads (from the heads artifact)")
+        voted = per_query_head[list(ctx.retrieval_heads[term.heads])].mean(dim=0)
+        return voted.expand(H_kv, N).contiguous()
+    grouped = per_query_head.view(H_kv, ctx.n_rep, N)
+    return grouped.amax(dim=1) if term.gqa == "max" else grouped.mean(dim=1)
+
+
+def local_term(term: ir.LocalAttention, ctx: ScoreContext) -> Tensor:
+    """SnapKV score: window attention summed over the window's queries, pooled
+    over the tokens before the window (the window's own tokens keep their raw
+    sums; they are normally protected)."""
+    inp = ctx.inputs
+    if inp.queries is None:
+        raise ValueError("local() needs the window queries")
+    N = inp.num_tokens
+    w = min(term.window, N)
+    raw = ctx.window_attention(inp.queries, inp.keys, ctx.n_rep, window=w).sum(dim=1)  # [H, N]
+    prefix = N - w
+    pooled = torch.cat([pool_tokens(raw[:, :prefix], term.pool), raw[:, prefix:]], dim=1)
+    return to_kv_heads(pooled, term, ctx)
+
+
+def global_term(term: ir.GlobalAttention, ctx: ScoreContext) -> Tensor:
+    """H2O accumulated attention; ``norm=mean`` divides key ``j``'s sum by the
+    ``N - j`` queries that can see it (EMS's causal-bias correction, our reading)."""
+    acc = ctx.inputs.accumulated
+    if acc is None:
+        raise ValueError("global() needs the accumulated attention")
+    acc = acc.float()
+    if term.norm == "mean":
+        N = acc.shape[1]
+        acc = acc / torch.arange(N, 0, -1, device=acc.device, dtype=acc.dtype)
+    return to_kv_heads(acc, term, ctx)
+
+
+def _masked_stats(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    m = mask.to(x.dtype)
+    n = m.sum().clamp_min(1.0)
+    mean = (x * m).sum(dim=-1, keepdim=True) / n
+    var = (((x - mean) ** 2) * m).sum(dim=-1, keepdim=True) / n
+    return mean, var.sqrt()
+
+
+def normalize(term: ir.Normalize, args: list[Tensor], ctx: ScoreContext) -> Tensor:
+    mask = ctx.candidates
+    if term.kind == "mean_align":
+        # rescale every term to the first term's mean over the candidates, then add
+        ref, _ = _masked_stats(args[0], mask)
+        out = args[0].clone()
+        for a in args[1:]:
+            mean, _ = _masked_stats(a, mask)
+            out = out + a * (ref / mean.where(mean.abs() > EPS, torch.ones_like(mean)))
+        return out
+    (a,) = args
+    if term.kind == "zscore":
+        mean, std = _masked_stats(a, mask)
+        return (a - mean) / std.clamp_min(EPS)
+    # rank among the candidates, scaled to [0, 1]; protected tokens rank lowest
+    masked = a.masked_fill(~mask, float("-inf"))
+    ranks = masked.argsort(dim=-1).argsort(dim=-1).to(torch.float32)
+    n_cand = int(mask.sum())
+    ranks = ranks - (a.shape[-1] - n_cand)
+    return (ranks / max(n_cand - 1, 1)).masked_fill(~mask, 0.0)
+
+
+def evaluate(expr: ir.ScoreExpr, ctx: ScoreContext) -> Tensor:
+    """The value of ``expr`` on this layer, ``[H_kv, N]`` fp32."""
+    inp = ctx.inputs
+    H_kv, N = inp.keys.shape[0], inp.num_tokens
+    if isinstance(expr, ir.ScoreRef):
+        return ctx.named[expr.name]
+    if isinstance(expr, ir.LocalAttention):
+        return local_term(expr, ctx)
+    if isinstance(expr, ir.GlobalAttention):
+        return global_term(expr, ctx)
+    if isinstance(expr, ir.KeyNorm):
+        return inp.keys.float().norm(dim=-1)
+    if isinstance(expr, ir.ValueNorm):
+        return inp.values.float().norm(dim=-1)
+    if isinstance(expr, ir.Recency):
+        return torch.arange(N, dtype=torch.float32, device=inp.keys.device).expand(H_kv, N).contiguous()
+    if isinstance(expr, ir.WeightedSum):
+        out = torch.zeros(H_kv, N, dtype=torch.float32, device=inp.keys.device)
+        for w, t in expr.terms:
+            out = out + w * evaluate(t, ctx)
+        return out
+    if isinstance(expr, ir.Normalize):
+        return normalize(expr, [evaluate(a, ctx) for a in expr.args], ctx)
+    raise TypeError(f"not a score expression: {expr!r}")
+
+
+def evaluate_all(policy: ir.Policy, ctx: ScoreContext) -> dict[str, Tensor]:
+    """Every ``score`` of the policy, in order (later ones may refer to earlier)."""
+    for d in policy.scores:
+        ctx.named[d.name] = evaluate(d.expr, ctx)
+    return ctx.named

@@ -1,0 +1,153 @@
+"""Hand-computed cases for each stage of the reference executor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvpolicy as kp
+from kvpolicy import ir
+from kvpolicy.budgets import ModelShape
+from kvpolicy.pipeline import compile_pipeline
+from kvpolicy.reference import attention, merge, select
+from kvpolicy.reference.scores import LayerInputs, ScoreContext, evaluate, pool_tokens, to_kv_heads
+
+
+def naive_attention(q, k, n_rep):
+    """Full causal softmax attention probabilities ``[H, N, N]`` (test only)."""
+    H, N, d = q.shape
+    k = k.repeat_interleave(n_rep, 0)
+    logits = q @ k.transpose(1, 2) / math.sqrt(d)
+    logits = logits.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+    return logits.softmax(-1)
+
+
+@pytest.mark.parametrize("N, block", [(7, 3), (33, 8), (40, 256)])
+def test_accumulated_attention_equals_the_full_matrix_sum(N, block):
+    torch.manual_seed(N)
+    q, k = torch.randn(6, N, 8), torch.randn(2, N, 8)
+    full = naive_attention(q, k, 3).sum(1)
+    torch.testing.assert_close(attention.accumulated_attention(q, k, 3, block=block), full)
+
+
+def test_window_attention_is_the_last_rows_of_the_full_matrix():
+    torch.manual_seed(1)
+    q, k = torch.randn(4, 20, 8), torch.randn(4, 20, 8)
+    full = naive_attention(q, k, 1)
+    torch.testing.assert_close(attention.window_attention(q[:, -5:], k, 1), full[:, -5:])
+    torch.testing.assert_close(attention.window_attention(q[:, -5:], k, 1, window=2), full[:, -2:])
+
+
+def test_snapkv_pooling_on_ten_tokens():
+    raw = torch.tensor([[0.0, 0, 0, 5, 0, 0, 0, 0, 0, 10]])
+    # avg kernel 5, zero padding counted: token 1 sees (0+0+0+0+5)/5 = 1, token 3 sees 5/5, ...
+    assert pool_tokens(raw, ir.Pool("avg", 5)).tolist() == [[0, 1, 1, 1, 1, 1, 0, 2, 2, 2]]
+    assert pool_tokens(raw, ir.Pool("max", 3)).tolist() == [[0, 0, 5, 5, 5, 0, 0, 0, 10, 10]]
+
+
+def test_gqa_groups_are_h_floordiv_n_rep():
+    # query heads 0,1,2 -> KV head 0; 3,4,5 -> KV head 1 (not the interleaved h % H_kv)
+    s = torch.tensor([[1.0], [2.0], [3.0], [10.0], [20.0], [30.0]])
+    ctx = ScoreContext(LayerInputs(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4)), 3, torch.ones(1, dtype=torch.bool))
+    assert to_kv_heads(s, ir.LocalAttention(1), ctx).tolist() == [[2.0], [20.0]]
+    assert to_kv_heads(s, ir.LocalAttention(1, gqa="max"), ctx).tolist() == [[3.0], [30.0]]
+
+
+def test_retrieval_heads_vote_and_every_kv_head_shares_the_vote():
+    s = torch.zeros(6, 5)
+    s[4, 2] = 6.0  # the planted retrieval head 4 looks at token 2
+    s[0, 0] = 100.0  # a non-retrieval head's opinion is ignored
+    heads = ir.RetrievalHeads(top=2)
+    ctx = ScoreContext(LayerInputs(torch.zeros(2, 5, 4), torch.zeros(2, 5, 4)), 3, torch.ones(5, dtype=torch.bool),
+                       {heads: (4, 1)})
+    assert to_kv_heads(s, ir.LocalAttention(1, heads=heads), ctx).tolist() == [[0, 0, 3, 0, 0]] * 2
+
+
+def test_global_mean_divides_by_the_queries_that_see_each_key():
+    acc = torch.tensor([[4.0, 3.0, 2.0, 1.0]])  # N=4: key j is seen by 4-j queries
+    ctx = ScoreContext(LayerInputs(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), accumulated=acc), 1,
+                       torch.ones(4, dtype=torch.bool))
+    assert evaluate(ir.GlobalAttention(norm="mean"), ctx).tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    assert evaluate(ir.GlobalAttention(), ctx).tolist() == [[4.0, 3.0, 2.0, 1.0]]
+
+
+def test_normalisers_use_candidate_statistics():
+    a = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    cand = torch.tensor([True, True, True, False])
+    ctx = ScoreContext(LayerInputs(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2)), 1, cand,
+                       named={"a": a, "b": a * 10})
+    z = evaluate(ir.Normalize("zscore", (ir.ScoreRef("a"),)), ctx)
+    torch.testing.assert_close(z[0, :3], torch.tensor([-1.2247449, 0.0, 1.2247449]))
+    assert evaluate(ir.Normalize("rank", (ir.ScoreRef("a"),)), ctx).tolist() == [[0.0, 0.5, 1.0, 0.0]]
+    # b is 10x a: aligned to a's mean (2) it becomes a, and the sum is 2a
+    torch.testing.assert_close(evaluate(ir.Normalize("mean_align", (ir.ScoreRef("a"), ir.ScoreRef("b"))), ctx), 2 * a)
+
+
+def test_adakv_pooled_allocation_by_hand():
+    # 2 heads, c = 4 picks each, safeguard 0.25 -> each head first gets its top 1;
+    # the other 2 * 3 = 6 go to the best remaining scores of either head:
+    # 8, 7, 6, 5 (head 0) and then 0.2, 0.2 (head 1 beats head 0's 0.1)
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 0.1, 0.1, 0.1],
+                           [3.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]])
+    cand = torch.ones(8, dtype=torch.bool)
+    picks = select.pick(ir.Selection("pooled", ir.KeepTop("s"), safeguard=0.25), scores, cand, 4)
+    assert picks.counts.tolist() == [5, 3]
+    assert picks.order[0, :5].tolist() == [0, 1, 2, 3, 4]
+    assert picks.order[1, :3].tolist() == [0, 1, 2]  # ties broken by position
+    # safeguard 1.0 is plain per-head selection
+    even = select.pick(ir.Selection("pooled", ir.KeepTop("s"), safeguard=1.0), scores, cand, 4)
+    assert even.counts.tolist() == [4, 4]
+
+
+def test_top_p_stops_once_the_mass_is_covered():
+    scores = torch.tensor([[8.0, 1.0, 1.0, 0.0]])
+    picks = select.pick(ir.Selection("head", ir.KeepTop("s", p=0.8)), scores, torch.ones(4, dtype=torch.bool), 3)
+    assert picks.counts.tolist() == [1]
+
+
+def test_merge_of_identical_keys_returns_that_key():
+    k = torch.tensor([[[3.0, 4.0], [3.0, 4.0], [0.0, 1.0]]])  # token 1 duplicates token 0
+    v = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    scores = torch.tensor([[2.0, 1.0, 0.0]])
+    kept = torch.tensor([[True, False, False]])
+    classes = merge.classify(k, v, scores, kept, kept, ir.MergeSimilar(threshold=0.9), torch.zeros(3, dtype=torch.bool))
+    assert classes.class_id.tolist() == [[1, 1, 0]] and classes.merged.tolist() == [1] and classes.evicted.tolist() == [1]
+    out_k, out_v = merge.scatter(k, v, classes)
+    torch.testing.assert_close(out_k, torch.tensor([[[3.0, 4.0]]]))
+    w0, w1 = 2.0 + merge.WEIGHT_FLOOR, 1.0 + merge.WEIGHT_FLOOR  # score weights
+    torch.testing.assert_close(out_v, torch.tensor([[[w0 / (w0 + w1), w1 / (w0 + w1)]]]))
+
+
+def test_zero_class_drops_exactly_the_evicted_tokens():
+    torch.manual_seed(3)
+    H, N, d = 2, 12, 4
+    k, v = torch.randn(H, N, d), torch.randn(H, N, d)
+    kept = torch.zeros(H, N, dtype=torch.bool)
+    kept[:, [0, 5, 9]] = True
+    classes = merge.classify(k, v, torch.rand(H, N), kept, kept, None, torch.zeros(N, dtype=torch.bool))
+    assert (classes.class_id[~kept] == 0).all() and classes.evicted.tolist() == [9, 9]
+    poisoned = v.clone()
+    poisoned[~kept] = 1e30  # whatever an evicted token holds cannot reach the output
+    out_k, out_v = merge.scatter(k, poisoned, classes)
+    assert torch.equal(out_k, k[:, [0, 5, 9]]) and torch.equal(out_v, v[:, [0, 5, 9]])
+
+
+def test_cover_lets_a_sparse_head_evict_its_tail():
+    k = torch.ones(2, 6, 2)  # all keys identical: everything is similar enough to merge
+    scores = torch.tensor([[10.0, 1, 1, 1, 1, 1],      # head 0: dense tail (half the mass outside the centre)
+                           [100.0, 0.1, 0.1, 0.1, 0.1, 0.1]])  # head 1: sparse
+    kept = torch.zeros(2, 6, dtype=torch.bool)
+    kept[:, 0] = True
+    m = ir.MergeSimilar(threshold=0.5, cover=0.9)
+    classes = merge.classify(k, k, scores, kept, kept, m, torch.zeros(6, dtype=torch.bool))
+    # head 0: centre covers 10/15; tokens are added while covered < 0.9*15 = 13.5 -> 4 merge
+    assert classes.merged.tolist() == [4, 0]
+
+
+def test_pipeline_keeps_input_unchanged_when_budget_covers_prompt():
+    pipe = compile_pipeline(kp.snapkv(budget=256), ModelShape(2, 1, 1), 100)
+    k, v = torch.randn(1, 100, 4), torch.randn(1, 100, 4)
+    out = pipe.compress(0, pipe.capture(torch.randn(1, 100, 4), k, v))
+    assert torch.equal(out.keys, k) and out.counts.tolist() == [100]
