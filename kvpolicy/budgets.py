@@ -131,25 +131,30 @@ def adaptive(shares, B: int, base: int = 32) -> list[int]:
     return out
 
 
-def _layer_shares(policy: ir.Policy, sch: ir.Adaptive, shape: ModelShape, base_dir: Path | None) -> list[float]:
-    name = sch.artifact
+def policy_artifact(policy: ir.Policy, name: str | None, kind: str, shape: ModelShape,
+                    base_dir: Path | None = None) -> dict:
+    """Load an artifact a policy refers to (``name=None``: the model's own),
+    checked against the model's layer count; errors name the policy file."""
     if name is None:
         if shape.name is None:
-            raise PolicyError(
-                "layers adaptive() without a path uses the model's own calibration artifact, "
-                "so the model must be named", file=policy.source)
-        name = model_artifact_name(shape.name, "layer_budgets")
+            what = "retrieval()" if kind == "retrieval_heads" else "layers adaptive()"
+            raise PolicyError(f"{what} without a path uses the model's own calibration artifact, "
+                              "so the model must be named", file=policy.source)
+        name = model_artifact_name(shape.name, kind)
     if base_dir is None and policy.source:
         base_dir = Path(policy.source).parent
     try:
-        data = load_artifact(name, "layer_budgets", base_dir=base_dir)
+        data = load_artifact(name, kind, base_dir=base_dir)
     except ArtifactError as exc:
         raise PolicyError(str(exc), file=policy.source) from None
     if data["num_layers"] != shape.num_layers:
-        raise PolicyError(
-            f"artifact '{name}' has {data['num_layers']} layers, the model has {shape.num_layers}",
-            file=policy.source,
-        )
+        raise PolicyError(f"artifact '{name}' has {data['num_layers']} layers, the model has {shape.num_layers}",
+                          file=policy.source)
+    return data
+
+
+def _layer_shares(policy: ir.Policy, sch: ir.Adaptive, shape: ModelShape, base_dir: Path | None) -> list[float]:
+    data = policy_artifact(policy, sch.artifact, "layer_budgets", shape, base_dir)
     return [float(s) for s in data["shares"]]
 
 

@@ -97,7 +97,7 @@ def calibrate_heads(lm, tokenizer, shape: ModelShape, *, lengths=(512, 1024, 153
             needle_ids = probe.input_ids[span[0]:span[1]]
             trial = torch.zeros(L, H, dtype=torch.float64)
 
-            def on_step(y: int) -> None:
+            def on_step(y: int, needle_ids=needle_ids, trial=trial) -> None:
                 c = needle_ids.count(y)
                 if c:
                     trial.add_(c * step_mass)

@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from kvpolicy import ir
-from kvpolicy.artifacts import ArtifactError, load_artifact, model_artifact_name
-from kvpolicy.budgets import ModelShape
+from kvpolicy.budgets import ModelShape, policy_artifact
 from kvpolicy.compiler import Plan, plan, referenced_terms
 from kvpolicy.errors import PolicyError
 from kvpolicy.reference import attention, merge, select
@@ -142,22 +141,10 @@ def compile_pipeline(policy: ir.Policy, shape: ModelShape, prompt_len: int, *,
 def retrieval_heads(policy: ir.Policy, heads: ir.RetrievalHeads, shape: ModelShape,
                     base_dir: Path | None = None) -> list[tuple[int, ...]]:
     """Per layer, the ``top`` best query heads of the heads artifact."""
-    name = heads.artifact
-    if name is None:
-        if shape.name is None:
-            raise PolicyError("retrieval() without a path uses the model's own heads artifact, so the model must be named",
-                              file=policy.source)
-        name = model_artifact_name(shape.name, "retrieval_heads")
-    if base_dir is None and policy.source:
-        base_dir = Path(policy.source).parent
-    try:
-        data = load_artifact(name, "retrieval_heads", base_dir=base_dir)
-    except ArtifactError as exc:
-        raise PolicyError(str(exc), file=policy.source) from None
-    if (data["num_layers"], data["num_heads"]) != (shape.num_layers, shape.num_q_heads):
-        raise PolicyError(
-            f"artifact '{name}' is for {data['num_layers']} layers x {data['num_heads']} heads, "
-            f"the model has {shape.num_layers} x {shape.num_q_heads}", file=policy.source)
+    data = policy_artifact(policy, heads.artifact, "retrieval_heads", shape, base_dir)
+    if data["num_heads"] != shape.num_q_heads:
+        raise PolicyError(f"the heads artifact scores {data['num_heads']} query heads per layer, "
+                          f"the model has {shape.num_q_heads}", file=policy.source)
     if heads.top > shape.num_q_heads:
         raise PolicyError(f"retrieval(top={heads.top}) but layers have {shape.num_q_heads} query heads",
                           file=policy.source)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from kvpolicy.cli import main
 from kvpolicy.compiler import STAGES
