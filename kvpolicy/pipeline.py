@@ -98,13 +98,15 @@ class Pipeline:
         w = min(self.window, queries.shape[1])
         return LayerInputs(keys, values, queries[:, queries.shape[1] - w:] if w else None, acc)
 
-    def compress(self, layer: int, inputs: LayerInputs) -> CompressedLayer:
-        """Compress one layer's KV (``[H_kv, N, d]``, ``N`` = the planned prompt length)."""
+    def compress(self, layer: int, inputs: LayerInputs, budget: int | None = None) -> CompressedLayer:
+        """Compress one layer's KV (``[H_kv, N, d]``, ``N`` = the planned prompt
+        length). ``budget`` overrides the planned layer budget (decode-time
+        compression keeps the prompt's budget while the cache grows)."""
         keys, values = inputs.keys, inputs.values
         H_kv, N, _ = keys.shape
-        if N != self.plan.prompt_len:
+        if budget is None and N != self.plan.prompt_len:
             raise ValueError(f"the pipeline was planned for {self.plan.prompt_len} tokens, got {N}")
-        B = self.plan.layer_budgets[layer]
+        B = self.plan.layer_budgets[layer] if budget is None else max(budget, min(self.policy.protect.total, N))
         device = keys.device
         sel = self.policy.selection
         if sel is None or B >= N:

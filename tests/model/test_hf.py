@@ -1,0 +1,70 @@
+"""The transformers path: policies applied to a real model's generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the transformers path needs transformers (installed by `make test`)")
+
+import kvpolicy as kp  # noqa: E402
+from kvpolicy.hf import generate  # noqa: E402
+from tests.model.tiny import tiny_llama  # noqa: E402
+
+
+def prompt(seed: int, n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, n), generator=g)
+
+
+def test_full_cache_is_token_identical_to_transformers_generate():
+    lm, tok, shape = tiny_llama()
+    ids = prompt(0, 50)
+    ref = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                      pad_token_id=tok.eos_token_id)[0, 50:]
+    for policy in (None, kp.full(), kp.snapkv(budget=256)):  # the last never compresses a 50-token prompt
+        out, _ = generate(lm, ids, policy, shape, max_new_tokens=12)
+        assert out[0].tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize("policy", [None, kp.snapkv(budget=48), kp.adakv(budget=48), kp.ems(budget=40),
+                                    kp.pyramidkv(budget=48)], ids=["full", "snapkv", "adakv", "ems", "pyramidkv"])
+def test_left_padded_batch_equals_one_by_one(policy):
+    lm, tok, shape = tiny_llama()
+    a, b = prompt(1, 120), prompt(2, 90)
+    batch = torch.full((2, 120), 0)
+    batch[0] = a[0]
+    batch[1, 30:] = b[0]
+    mask = torch.ones(2, 120, dtype=torch.long)
+    mask[1, :30] = 0
+    out, state = generate(lm, batch, policy, shape, attention_mask=mask, max_new_tokens=8)
+    for row, single in ((0, a), (1, b)):
+        alone, _ = generate(lm, single, policy, shape, max_new_tokens=8)
+        assert out[row].tolist() == alone[0].tolist()
+    assert state.positions.tolist() == [120 + 8 - 1, 90 + 8 - 1]  # logical positions, not physical lengths
+
+
+def test_compressed_cache_holds_the_budget():
+    lm, tok, shape = tiny_llama()
+    _, state = generate(lm, prompt(3, 200), kp.snapkv(budget=64), shape, max_new_tokens=1)
+    assert state.kept[0] == [64 * shape.num_kv_heads] * shape.num_layers
+
+
+def test_context_only_mode_feeds_the_question_after_compression():
+    lm, tok, shape = tiny_llama()
+    ctx, question = prompt(4, 150), prompt(5, 10)
+    full_ids = torch.cat([ctx, question], dim=1)
+    ref, _ = generate(lm, full_ids, None, shape, max_new_tokens=6)
+    out, _ = generate(lm, ctx, None, shape, question_ids=question, max_new_tokens=6)
+    assert out.tolist() == ref.tolist()  # with the full cache both modes agree
+    out, state = generate(lm, ctx, kp.snapkv(budget=64), shape, question_ids=question, max_new_tokens=6)
+    assert state.valid[0].shape[2] == 64 + 10 + 5  # compressed context, then question and answer tokens
+
+
+def test_decode_time_trigger_keeps_the_cache_near_its_budget():
+    lm, tok, shape = tiny_llama()
+    policy = kp.snapkv(budget=64).with_trigger(prefill=True, decode_every=8)
+    _, state = generate(lm, prompt(6, 200), policy, shape, max_new_tokens=30)
+    for valid in state.valid:
+        counts = valid[0].sum(dim=1)
+        assert int(counts.max()) <= 64 + 8  # recompressed to 64 every 8 tokens
