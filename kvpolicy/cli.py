@@ -139,6 +139,65 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from kvpolicy import evaluate as ev
+    from kvpolicy.models import ModelError, load_model
+
+    try:
+        batch = ev.entries(args.policy, args.budget)
+        lm, tok, shape = load_model(args.model)
+    except (PolicyError, ModelError) as exc:
+        print(f"kvpolicy: {exc}" if isinstance(exc, ModelError) else exc, file=sys.stderr)
+        return 1
+    if args.task == "niah":
+        spec = ev.NeedleSpec(*(v for v in (args.needle, args.question, args.answer)))
+        needles = [spec] + [ev.NeedleSpec(spec.needle.replace(spec.answer, code), spec.question, code)
+                            for code in _codes(args.needles - 1)]
+        haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else None
+        modes = ("query-aware", "context-only") if args.mode == "both" else (args.mode,)
+        result = ev.niah(lm, tok, shape, batch, lengths=args.lengths, depths=args.depths, modes=modes,
+                         needles=needles, haystack=haystack, max_new_tokens=args.max_new_tokens)
+        print(ev.table(result))
+    elif args.task == "ruler":
+        from kvpolicy.ruler import ruler
+
+        modes = ("query-aware", "context-only") if args.mode == "both" else (args.mode,)
+        result = ruler(lm, tok, shape, batch, tasks=args.tasks, length=args.length, samples=args.samples,
+                       modes=modes, max_new_tokens=args.max_new_tokens)
+        print(ev.table(result))
+    elif args.task == "longbench":
+        from kvpolicy.longbench import longbench
+
+        try:
+            result = longbench(lm, tok, shape, batch, args.data, max_length=args.max_length,
+                               max_new_tokens=args.max_new_tokens, limit=args.limit)
+        except (OSError, ValueError) as exc:
+            print(f"kvpolicy: {exc}", file=sys.stderr)
+            return 1
+        print(ev.table(result))
+    else:
+        text = Path(args.text).read_text(encoding="utf-8") if args.text else None
+        result = ev.perplexity(lm, tok, shape, batch, context=args.context, target=args.target,
+                               windows=args.windows, text=text)
+        for label, ppl in result["ppl"].items():
+            ratio = result["ratio_to_full"][label] if result["ratio_to_full"] else float("nan")
+            print(f"{label:<24} ppl {ppl:8.3f}   ratio to full {ratio:6.3f}")
+    result["model"] = shape.name
+    result["policies"] = {e.label: e.policy.to_kvp() for e in batch}
+    if args.json:
+        _write_json(result, args.json)
+    return 0
+
+
+def _codes(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(1234)
+    return [f"{rng.randrange(10**6, 10**7)}" for _ in range(n)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvpolicy", description="KV-cache compression policies: check, format, explain.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -188,6 +247,46 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
         sp.add_argument("--out", help="artifact path (default: <model>.heads.json / <model>.layers.json here)")
         sp.set_defaults(run=cmd_calibrate)
+
+    from kvpolicy.evaluate import NeedleSpec
+
+    ev = sub.add_parser("eval", help="compare policies on the model: niah, ppl")
+    esub = ev.add_subparsers(dest="task", required=True, metavar="TASK")
+    en = esub.add_parser("niah", help="needle in a haystack over lengths x depths")
+    en.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    en.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    en.add_argument("--mode", choices=["query-aware", "context-only", "both"], default="both",
+                    help="compress the question with the context, or the context first (default both)")
+    en.add_argument("--needle", default=NeedleSpec.needle)
+    en.add_argument("--question", default=NeedleSpec.question)
+    en.add_argument("--answer", default=NeedleSpec.answer, help="what a correct answer contains")
+    en.add_argument("--needles", type=int, default=1, help="needles tried per cell (more: other 7-digit codes)")
+    en.add_argument("--haystack", help="a text file to use instead of pydoc_data.topics")
+    en.add_argument("--max-new-tokens", type=int, default=24)
+    ep = esub.add_parser("ppl", help="perplexity of a continuation after a compressed context")
+    ep.add_argument("--context", type=int, default=2048, help="compressed context tokens")
+    ep.add_argument("--target", type=int, default=256, help="scored continuation tokens")
+    ep.add_argument("--windows", type=int, default=3, help="stretches of text averaged")
+    ep.add_argument("--text", help="a text file to use instead of pydoc_data.topics")
+    from kvpolicy.ruler import TASKS
+
+    er = esub.add_parser("ruler", help="RULER-style synthetic tasks, generated offline with fixed seeds")
+    er.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    er.add_argument("--length", type=int, default=2048)
+    er.add_argument("--samples", type=int, default=3, help="prompts per task")
+    er.add_argument("--mode", choices=["query-aware", "context-only", "both"], default="query-aware")
+    er.add_argument("--max-new-tokens", type=int, default=32)
+    el = esub.add_parser("longbench", help="LongBench-format jsonl files you supply, scored by their metrics")
+    el.add_argument("--data", required=True, help="a folder of <dataset>.jsonl files")
+    el.add_argument("--max-length", type=int, default=3500, help="prompt tokens (longer: cut in the middle)")
+    el.add_argument("--max-new-tokens", type=int, default=64)
+    el.add_argument("--limit", type=int, help="at most this many examples per dataset")
+    for sp in (en, ep, er, el):
+        sp.add_argument("--policy", nargs="+", default=["full", "ems"], help="shipped names or .kvp files")
+        sp.add_argument("--budget", nargs="+", help="budgets to try each policy at (e.g. 2%% 5%% 256)")
+        sp.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--json", help="write the raw results here")
+        sp.set_defaults(run=cmd_eval)
     return ap
 
 
