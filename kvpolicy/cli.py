@@ -140,8 +140,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json
-
     from kvpolicy import evaluate as ev
     from kvpolicy.models import ModelError, load_model
 

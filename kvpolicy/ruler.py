@@ -55,7 +55,7 @@ def make_cases(tokenizer, task: str, length: int, samples: int, seed: int = 0) -
     for i in range(samples):
         rng = random.Random(f"{task}-{length}-{seed}-{i}")
         meta = {"task": task, "length": length, "sample": i}
-        number = lambda: str(rng.randrange(10**6, 10**7))  # noqa: E731
+        number = lambda rng=rng: str(rng.randrange(10**6, 10**7))  # noqa: E731
         if task == "multikey":
             keys = rng.sample(WORDS, 4)
             values = [number() for _ in keys]
@@ -72,7 +72,7 @@ def make_cases(tokenizer, task: str, length: int, samples: int, seed: int = 0) -
         elif task == "variable_tracking":
             value = str(rng.randrange(10**4, 10**5))
             names = [f"{''.join(rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ') for _ in range(5))}" for _ in range(4)]
-            sents = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = {a}" for a, b in zip(names, names[1:])]
+            sents = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = {a}" for a, b in zip(names, names[1:], strict=False)]
             ctx = _insert(tokenizer, length, sents, rng, 60)
             q = f"Find all variables that are assigned the value {value} in the text above."
             cases.append(_case(tokenizer, ctx, q, names, meta))
