@@ -19,8 +19,7 @@ import torch
 from kvpolicy import ir
 from kvpolicy.budgets import ModelShape
 from kvpolicy.haystack import haystack_text
-from kvpolicy.hf import compress, decode, feed, prefill
-from kvpolicy.pipeline import compile_pipeline
+from kvpolicy.hf import capture_needs, compress, decode, feed, prefill
 from kvpolicy.registry import load
 
 
@@ -52,12 +51,7 @@ def entries(names: list[str], budgets: list[str] | None) -> list[Entry]:
 
 
 def _needs(batch: list[Entry], shape: ModelShape, n: int) -> tuple[int, bool]:
-    window, acc = 0, False
-    for e in batch:
-        if e.compresses:
-            pipe = compile_pipeline(e.policy, shape, n)
-            window, acc = max(window, pipe.window), acc or pipe.needs_accumulated
-    return window, acc
+    return capture_needs([e.policy for e in batch], shape, n)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -82,6 +82,18 @@ class Capture:
                            self.accumulated[b][layer])
 
 
+def capture_needs(policies, shape: ModelShape, prompt_len: int) -> tuple[int, bool]:
+    """What a prefill must capture so that every one of ``policies`` can
+    compress from it: the longest observation window, and whether any scores
+    with accumulated attention."""
+    window, accumulate = 0, False
+    for policy in policies:
+        if policy is not None and policy.selection is not None:
+            pipe = compile_pipeline(policy, shape, max(prompt_len, 1))
+            window, accumulate = max(window, pipe.window), accumulate or pipe.needs_accumulated
+    return window, accumulate
+
+
 @torch.no_grad()
 def prefill(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
             window: int = 0, accumulate: bool = False) -> Capture:
@@ -251,12 +263,8 @@ def generate(lm, input_ids: torch.Tensor, policy: ir.Policy | None, shape: Model
     time if its trigger says so). ``question_ids [B, q]``, if given, are fed
     after compression, before generating (context-only evaluation).
     Returns ``(new token ids [B, <= max_new_tokens], state)``."""
-    pipe_window = 0
-    needs_acc = False
-    if policy is not None and policy.selection is not None:
-        probe = compile_pipeline(policy, shape, max(int(input_ids.shape[1]), 1))
-        pipe_window, needs_acc = probe.window, probe.needs_accumulated
-    cap = prefill(lm, input_ids, attention_mask, window=pipe_window, accumulate=needs_acc)
+    window, accumulate = capture_needs([policy], shape, int(input_ids.shape[1]))
+    cap = prefill(lm, input_ids, attention_mask, window=window, accumulate=accumulate)
     state = compress(cap, policy, shape)
     logits = cap.last_logits
     if question_ids is not None:
