@@ -158,6 +158,10 @@ def cmd_eval(args) -> int:
         result = ev.niah(lm, tok, shape, batch, lengths=args.lengths, depths=args.depths, modes=modes,
                          needles=needles, haystack=haystack, max_new_tokens=args.max_new_tokens)
         print(ev.table(result))
+        if args.plot:
+            from kvpolicy.plots import niah_heatmaps
+
+            print(f"wrote {len(niah_heatmaps(result, args.plot))} heatmaps to {args.plot}")
     elif args.task == "ruler":
         from kvpolicy.ruler import ruler
 
@@ -261,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--needles", type=int, default=1, help="needles tried per cell (more: other 7-digit codes)")
     en.add_argument("--haystack", help="a text file to use instead of pydoc_data.topics")
     en.add_argument("--max-new-tokens", type=int, default=24)
+    en.add_argument("--plot", help="write one heatmap PNG per policy and mode into this folder")
     ep = esub.add_parser("ppl", help="perplexity of a continuation after a compressed context")
     ep.add_argument("--context", type=int, default=2048, help="compressed context tokens")
     ep.add_argument("--target", type=int, default=256, help="scored continuation tokens")

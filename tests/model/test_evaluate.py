@@ -98,3 +98,13 @@ def test_longbench_reads_a_folder_and_scores(tmp_path):
     (tmp_path / "unknown.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="unknown LongBench dataset"):
         read_dir(tmp_path)
+
+
+def test_niah_heatmaps_are_pngs(tmp_path):
+    from kvpolicy.plots import niah_heatmaps
+
+    cases = [{"policy": p, "mode": "query-aware", "length": L, "depth": d, "correct": (L + int(10 * d)) % 2 == 0}
+             for p in ("full", "ems@2%") for L in (2048, 4096) for d in (0.1, 0.5)]
+    paths = niah_heatmaps({"cases": cases}, tmp_path)
+    assert sorted(p.name for p in paths) == ["niah_ems_2pct_query-aware.png", "niah_full_query-aware.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

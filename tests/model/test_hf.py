@@ -68,3 +68,29 @@ def test_decode_time_trigger_keeps_the_cache_near_its_budget():
     for valid in state.valid:
         counts = valid[0].sum(dim=1)
         assert int(counts.max()) <= 64 + 8  # recompressed to 64 every 8 tokens
+
+
+@pytest.mark.parametrize("arch", ["llama-mha", "qwen2", "mistral"])
+def test_other_families_and_mha(arch):
+    import transformers
+
+    from kvpolicy.models import shape_of
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=4096)
+    if arch == "llama-mha":
+        lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=4, **common))
+    elif arch == "qwen2":
+        lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **common))
+    else:
+        lm = transformers.MistralForCausalLM(transformers.MistralConfig(num_key_value_heads=2, sliding_window=None,
+                                                                        **common))
+    lm.eval().config._attn_implementation = "sdpa"
+    shape = shape_of(lm, arch)
+    ids = prompt(7, 120)
+    ref = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out, _ = generate(lm, ids, None, shape, max_new_tokens=6)
+    assert out[0].tolist() == ref[0, 120:].tolist()
+    out, state = generate(lm, ids, kp.snapkv(budget=48), shape, max_new_tokens=6)
+    assert state.kept[0] == [48 * shape.num_kv_heads] * 2

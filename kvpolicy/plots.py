@@ -1,0 +1,41 @@
+"""PNG plots of evaluation results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def niah_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
+    """One heatmap per policy and mode: accuracy over prompt length x needle depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells: dict = {}
+    for c in result["cases"]:
+        key = (c["policy"], c["mode"])
+        hit, n = cells.setdefault(key, {}).get((c["length"], c["depth"]), (0, 0))
+        cells[key][(c["length"], c["depth"])] = (hit + int(c["correct"]), n + 1)
+    written = []
+    for (policy, mode), grid in cells.items():
+        lengths = sorted({k[0] for k in grid})
+        depths = sorted({k[1] for k in grid})
+        acc = [[grid[(L, d)][0] / grid[(L, d)][1] if (L, d) in grid else float("nan") for L in lengths]
+               for d in depths]
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{policy} ({mode})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+        fig.tight_layout()
+        path = out_dir / f"niah_{policy.replace('%', 'pct').replace('@', '_')}_{mode}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
