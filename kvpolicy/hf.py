@@ -146,9 +146,9 @@ class CompressedState:
     since_compress: int = 0
 
     @property
-    def slots(self) -> list[int]:
-        """Token slots held per sequence (summed over layers and KV heads)."""
-        return [int(sum(v[b].sum() for v in self.valid)) for b in range(self.positions.shape[0])]
+    def tracks_window(self) -> bool:
+        """Whether decode steps must keep the last window queries (a decode-time trigger is set)."""
+        return any(p is not None and p.policy.trigger.decode_every for p in self.pipelines)
 
 
 def compress(capture: Capture, policy: ir.Policy | None, shape: ModelShape) -> CompressedState:
@@ -210,7 +210,7 @@ def feed(lm, state: CompressedState, tokens: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill(~allowed, float("-inf"))
         state.keys[layer], state.values[layer] = k, v
         state.valid[layer] = torch.cat([state.valid[layer], torch.ones(Bsz, key.shape[1], q, dtype=torch.bool)], dim=2)
-        if state.window_queries and any(p is not None and p.policy.trigger.decode_every for p in state.pipelines):
+        if state.tracks_window:
             for b in range(Bsz):
                 w = state.window_queries[b][layer]
                 if w is not None:
