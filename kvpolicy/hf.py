@@ -60,7 +60,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from kvpolicy import ir  # noqa: E402
 from kvpolicy.budgets import ModelShape  # noqa: E402
 from kvpolicy.pipeline import Pipeline, compile_pipeline  # noqa: E402
-from kvpolicy.reference.attention import accumulated_attention  # noqa: E402
+from kvpolicy.reference.attention import attention_with_column_sums  # noqa: E402
 from kvpolicy.reference.scores import LayerInputs  # noqa: E402
 
 
@@ -116,9 +116,15 @@ def prefill(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = N
             keys[b][layer] = key[b, :, T - n:].clone()
             values[b][layer] = value[b, :, T - n:].clone()
             queries[b][layer] = query[b, :, T - min(window, n):].clone() if window else None
-            if accumulate:
-                acc[b][layer] = accumulated_attention(query[b, :, T - n:], key[b, :, T - n:], n_rep)
-        return base_attention(module, query, key, value, attn_mask, scaling, **kw)
+        if not accumulate:
+            return base_attention(module, query, key, value, attn_mask, scaling, **kw)
+        # one pass gives the layer's output and the accumulated attention
+        out = torch.zeros(B, T, query.shape[1], value.shape[-1], dtype=query.dtype, device=query.device)
+        for b, n in enumerate(lengths):
+            o, acc[b][layer] = attention_with_column_sums(query[b, :, T - n:], key[b, :, T - n:],
+                                                          value[b, :, T - n:], n_rep, scale=scaling)
+            out[b, T - n:] = o.transpose(0, 1).to(query.dtype)
+        return out, None
 
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     with tap_attention(lm, tap):

@@ -48,14 +48,31 @@ def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int 
     taken ``block`` at a time against the keys they can see, so memory is
     ``H * block * N``, never ``N * N``.
     """
+    return attention_with_column_sums(queries, keys, None, n_rep, block=block)[1]
+
+
+def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | None, n_rep: int,
+                               block: int = 256, scale: float | None = None) -> tuple[Tensor | None, Tensor]:
+    """Causal attention output ``[H, N, d]`` (when ``values`` are given) and the
+    accumulated attention ``[H, N]`` from the same softmax rows, block by block.
+
+    During a prefill this replaces the model's own attention call, so the
+    accumulated attention costs no second pass over the queries.
+    """
     H, N, d = queries.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     k = expand_kv(keys, n_rep).float()
+    v = expand_kv(values, n_rep).float() if values is not None else None
     acc = torch.zeros(H, N, dtype=torch.float32, device=keys.device)
+    out = torch.empty(H, N, v.shape[-1], dtype=torch.float32, device=keys.device) if v is not None else None
     for start in range(0, N, block):
         stop = min(start + block, N)
         q = queries[:, start:stop].float()
-        logits = torch.einsum("hbd,hnd->hbn", q, k[:, :stop]) / math.sqrt(d)
+        logits = torch.einsum("hbd,hnd->hbn", q, k[:, :stop]) * scale
         q_pos = torch.arange(start, stop, device=keys.device)[:, None]
         logits = logits.masked_fill(torch.arange(stop, device=keys.device)[None, :] > q_pos, float("-inf"))
-        acc[:, :stop] += torch.softmax(logits, dim=-1).sum(dim=1)
-    return acc
+        probs = torch.softmax(logits, dim=-1)
+        acc[:, :stop] += probs.sum(dim=1)
+        if out is not None:
+            out[:, start:stop] = probs @ v[:, :stop]
+    return out, acc

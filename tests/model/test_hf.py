@@ -94,3 +94,22 @@ def test_other_families_and_mha(arch):
     assert out[0].tolist() == ref[0, 120:].tolist()
     out, state = generate(lm, ids, kp.snapkv(budget=48), shape, max_new_tokens=6)
     assert state.kept[0] == [48 * shape.num_kv_heads] * 2
+
+
+def test_prefill_computes_accumulated_attention_in_the_attention_pass():
+    from kvpolicy.hf import prefill
+    from kvpolicy.reference.attention import accumulated_attention
+
+    lm, tok, shape = tiny_llama()
+    batch = torch.zeros(2, 80, dtype=torch.long)
+    batch[0] = prompt(8, 80)[0]
+    batch[1, 20:] = prompt(9, 60)[0]
+    mask = torch.ones_like(batch)
+    mask[1, :20] = 0
+    plain = prefill(lm, batch, mask)
+    fused = prefill(lm, batch, mask, window=4, accumulate=True)
+    torch.testing.assert_close(fused.last_logits, plain.last_logits, rtol=1e-4, atol=1e-4)
+    q_full = prefill(lm, batch[:1], window=80)  # all 80 queries of sequence 0, layer 1
+    expected = accumulated_attention(q_full.queries[0][1], q_full.keys[0][1], 2)
+    torch.testing.assert_close(fused.accumulated[0][1], expected, rtol=1e-4, atol=1e-5)
+    assert fused.accumulated[1][0].shape == (4, 60)  # left padding removed
