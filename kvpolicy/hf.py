@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from kvpolicy import ir
+from kvpolicy.budgets import ModelShape
+from kvpolicy.pipeline import Pipeline, compile_pipeline
+from kvpolicy.reference.attention import attention_with_column_sums
+from kvpolicy.reference.scores import LayerInputs
 
 _ids = itertools.count()
 
@@ -53,15 +60,6 @@ def attention_row(query, key, scaling: float, n_rep: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- policies on generate
-
-
-from dataclasses import dataclass, field  # noqa: E402
-
-from kvpolicy import ir  # noqa: E402
-from kvpolicy.budgets import ModelShape  # noqa: E402
-from kvpolicy.pipeline import Pipeline, compile_pipeline  # noqa: E402
-from kvpolicy.reference.attention import attention_with_column_sums  # noqa: E402
-from kvpolicy.reference.scores import LayerInputs  # noqa: E402
 
 
 @dataclass
@@ -149,12 +147,8 @@ class CompressedState:
     kept: list[list[int]]  # [seq][layer] slots kept per KV head, summed over heads
     pipelines: list[Pipeline | None] = field(default_factory=list)
     window_queries: list[list[torch.Tensor | None]] = field(default_factory=list)  # decode-trigger buffer
+    tracks_window: bool = False  # a decode-time trigger is set: decode steps keep the last window queries
     since_compress: int = 0
-
-    @property
-    def tracks_window(self) -> bool:
-        """Whether decode steps must keep the last window queries (a decode-time trigger is set)."""
-        return any(p is not None and p.policy.trigger.decode_every for p in self.pipelines)
 
 
 def compress(capture: Capture, policy: ir.Policy | None, shape: ModelShape) -> CompressedState:
@@ -186,7 +180,8 @@ def compress(capture: Capture, policy: ir.Policy | None, shape: ModelShape) -> C
         valids.append(torch.stack([_pad(m, K) for m in per_layer_valid[layer]]))
     positions = torch.tensor(capture.lengths)
     window = [[capture.queries[b][layer] for layer in range(L)] for b in range(B)]
-    return CompressedState(keys, values, valids, positions, kept, pipes, window)
+    tracks = any(p is not None and p.policy.trigger.decode_every for p in pipes)
+    return CompressedState(keys, values, valids, positions, kept, pipes, window, tracks)
 
 
 def _pad(x: torch.Tensor, K: int) -> torch.Tensor:
@@ -204,6 +199,7 @@ def feed(lm, state: CompressedState, tokens: torch.Tensor) -> torch.Tensor:
     Bsz, q = tokens.shape
     n_rep = lm.config.num_attention_heads // lm.config.num_key_value_heads
     positions = state.positions[:, None] + torch.arange(q)[None, :]
+    causal = torch.ones(q, q, dtype=torch.bool).tril()
 
     def tap(module, query, key, value, attn_mask, scaling, **kw):
         layer = module.layer_idx
@@ -211,7 +207,7 @@ def feed(lm, state: CompressedState, tokens: torch.Tensor) -> torch.Tensor:
         v = torch.cat([state.values[layer], value], dim=2)
         K = state.keys[layer].shape[2]
         old = state.valid[layer].repeat_interleave(n_rep, dim=1)[:, :, None, :].expand(Bsz, -1, q, K)
-        new = torch.ones(q, q, dtype=torch.bool).tril()[None, None].expand(Bsz, old.shape[1], q, q)
+        new = causal[None, None].expand(Bsz, old.shape[1], q, q)
         allowed = torch.cat([old, new], dim=-1)
         mask = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill(~allowed, float("-inf"))
         state.keys[layer], state.values[layer] = k, v
@@ -241,6 +237,8 @@ def _maybe_recompress(state: CompressedState) -> None:
     if not todo:
         return
     for b, pipe in todo:
+        if pipe.needs_accumulated:
+            continue  # accumulated attention is known for prompt queries only
         for layer in range(len(state.keys)):
             valid = state.valid[layer][b]  # [H_kv, K]
             budget = pipe.plan.layer_budgets[layer]
@@ -251,8 +249,6 @@ def _maybe_recompress(state: CompressedState) -> None:
                 continue  # heads of unequal length (pooled budgets) are recompressed only at prefill
             k = state.keys[layer][b][valid].view(valid.shape[0], -1, state.keys[layer].shape[-1])
             v = state.values[layer][b][valid].view(valid.shape[0], -1, state.values[layer].shape[-1])
-            if pipe.needs_accumulated:
-                continue  # accumulated attention is known for prompt queries only
             out = pipe.compress(layer, LayerInputs(k, v, state.window_queries[b][layer]), budget=budget)
             K = state.keys[layer].shape[2]
             state.keys[layer][b] = _pad(out.keys, K)
