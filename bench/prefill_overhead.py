@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.evaluate import entries, _needs
+from kvpolicy.evaluate import entries
 from kvpolicy.haystack import haystack_text
-from kvpolicy.hf import compress, prefill
+from kvpolicy.hf import capture_needs, compress, prefill
 from kvpolicy.models import load_model
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     rows = []
     for e in entries(args.policy, [args.budget]):
         plain, ours, comp = [], [], []
-        window, acc = _needs([e], shape, args.length)
+        window, acc = capture_needs([e.policy], shape, args.length)
         for _ in range(args.repeats):
             t = time.perf_counter()
             with torch.no_grad():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,15 +44,11 @@ def entries(names: list[str], budgets: list[str] | None) -> list[Entry]:
     for name in names:
         policy = load(name)
         if policy.selection is None or not budgets:
-            out.append(Entry(policy.name if policy.selection is None else f"{policy.name}", policy))
+            out.append(Entry(policy.name, policy))
             continue
         for b in budgets:
             out.append(Entry(f"{policy.name}@{b}", policy.with_budget(as_budget(b))))
     return out
-
-
-def _needs(batch: list[Entry], shape: ModelShape, n: int) -> tuple[int, bool]:
-    return capture_needs([e.policy for e in batch], shape, n)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -102,12 +99,14 @@ def _chat(tokenizer, user: str) -> str:
 @dataclass
 class Case:
     """One prompt of a task: the context, the question after it, and the
-    strings a correct answer contains (score = the share of them found)."""
+    strings a correct answer contains (score = the share of them found,
+    unless the task brings its own ``score(answer) -> [0, 1]``)."""
 
     context: list[int]
     question: list[int]
     expected: tuple[str, ...]
     meta: dict
+    score: Callable[[str], float] | None = None
 
 
 def run_cases(lm, tokenizer, shape: ModelShape, batch: list[Entry], cases: list[Case], *, modes=("query-aware",),
@@ -119,21 +118,21 @@ def run_cases(lm, tokenizer, shape: ModelShape, batch: list[Entry], cases: list[
     for case in cases:
         for mode in modes:
             prompt = case.context + case.question if mode == "query-aware" else case.context
-            window, acc = _needs(batch, shape, len(prompt))
+            window, acc = capture_needs([e.policy for e in batch], shape, len(prompt))
             ids = torch.tensor([prompt])
             t0 = time.perf_counter()
             cap = prefill(lm, ids, window=window, accumulate=acc)
             prefill_s = time.perf_counter() - t0
             for e in batch:
                 t1 = time.perf_counter()
-                state = compress(cap, e.policy if e.compresses else None, shape)
+                state = compress(cap, e.policy, shape)
                 compress_s = time.perf_counter() - t1
                 logits = cap.last_logits
                 if mode == "context-only":
                     logits = feed(lm, state, torch.tensor([case.question]))[:, -1]
                 out = decode(lm, state, logits, max_new_tokens, tokenizer.eos_token_id)
                 text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
-                found = sum(x in text for x in case.expected) / len(case.expected)
+                found = case.score(text) if case.score else sum(x in text for x in case.expected) / len(case.expected)
                 records.append({
                     "policy": e.label, **case.meta, "prompt_tokens": len(prompt), "mode": mode, "answer": text,
                     "score": found, "correct": found == 1.0, "kept_slots": sum(state.kept[0]),
@@ -194,10 +193,10 @@ def perplexity(lm, tokenizer, shape: ModelShape, batch: list[Entry], *, context:
     for s in starts:
         ctx = torch.tensor([ids[s:s + context]])
         tgt = torch.tensor([ids[s + context:s + span]])
-        window, acc = _needs(batch, shape, context)
+        window, acc = capture_needs([e.policy for e in batch], shape, context)
         cap = prefill(lm, ctx, window=window, accumulate=acc)
         for e in batch:
-            state = compress(cap, e.policy if e.compresses else None, shape)
+            state = compress(cap, e.policy, shape)
             logits = torch.cat([cap.last_logits[:, None], feed(lm, state, tgt[:, :-1])], dim=1)
             loss = torch.nn.functional.cross_entropy(logits[0], tgt[0], reduction="sum").item()
             nll[e.label] += loss

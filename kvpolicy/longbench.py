@@ -18,10 +18,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from kvpolicy.evaluate import Entry, _chat, _needs
-from kvpolicy.hf import compress, decode, prefill
+from kvpolicy.evaluate import Case, Entry, _chat, run_cases
 
 
 def _normalize(s: str) -> str:
@@ -106,33 +103,22 @@ def read_dir(data_dir: str | Path) -> dict[str, list[dict]]:
 def longbench(lm, tokenizer, shape, batch: list[Entry], data_dir, *, max_length: int = 3500,
               max_new_tokens: int = 64, limit: int | None = None, progress: bool = True) -> dict:
     data = read_dir(data_dir)
-    records = []
-    jobs = [(name, i, row) for name, rows in data.items() for i, row in enumerate(rows[:limit])]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    cases = []
+    for name, rows in data.items():
+        metric = METRICS[name]
+        for i, row in enumerate(rows[:limit]):
+            ids = tokenizer.encode(_chat(tokenizer, f"{row['context']}\n\nQuestion: {row['input']}"),
+                                   add_special_tokens=False)
+            if len(ids) > max_length:  # keep the start and the end, as LongBench does
+                half = max_length // 2
+                ids = ids[:half] + ids[-half:]
 
-        bar = tqdm(total=len(jobs), desc="longbench")
-    for name, i, row in jobs:
-        ids = tokenizer.encode(_chat(tokenizer, f"{row['context']}\n\nQuestion: {row['input']}"),
-                               add_special_tokens=False)
-        if len(ids) > max_length:  # keep the start and the end, as LongBench does
-            half = max_length // 2
-            ids = ids[:half] + ids[-half:]
-        window, acc = _needs(batch, shape, len(ids))
-        cap = prefill(lm, torch.tensor([ids]), window=window, accumulate=acc)
-        for e in batch:
-            state = compress(cap, e.policy if e.compresses else None, shape)
-            out = decode(lm, state, cap.last_logits, max_new_tokens, tokenizer.eos_token_id)
-            pred = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
-            metric = METRICS[name]
-            score = max(metric(pred, ref, all_classes=row.get("all_classes")) for ref in row["answers"])
-            records.append({"policy": e.label, "dataset": name, "index": i, "prompt_tokens": len(ids),
-                            "prediction": pred, "score": score})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            def score(pred: str, row=row, metric=metric) -> float:
+                return max(metric(pred, ref, all_classes=row.get("all_classes")) for ref in row["answers"])
+
+            cases.append(Case(ids, [], tuple(row["answers"]), {"dataset": name, "index": i}, score))
+    records = run_cases(lm, tokenizer, shape, batch, cases, max_new_tokens=max_new_tokens, progress=progress,
+                        desc="longbench")
     summary: dict = {}
     for r in records:
         summary.setdefault(r["policy"], {}).setdefault(r["dataset"], []).append(r["score"])
