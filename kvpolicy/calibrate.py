@@ -36,8 +36,9 @@ from kvpolicy import ir
 from kvpolicy.artifacts import VERSION, check_artifact
 from kvpolicy.budgets import ModelShape
 from kvpolicy.haystack import NEEDLES, build_probe, haystack_text, rouge1_recall
-from kvpolicy.hf import attention_row, base_attention, tap_attention
+from kvpolicy.hf import base_attention, tap_attention
 from kvpolicy.pipeline import compile_pipeline
+from kvpolicy.reference.attention import window_attention
 from kvpolicy.reference.scores import LayerInputs
 
 
@@ -85,7 +86,7 @@ def calibrate_heads(lm, tokenizer, shape: ModelShape, *, lengths=(512, 1024, 153
 
     def tap(module, query, key, value, mask, scaling, **kw):
         if query.shape[2] == 1:  # a decode step: attention mass on the needle, per head
-            row = attention_row(query, key, scaling, n_rep)[0]  # [H, kv]
+            row = window_attention(query[0], key[0], n_rep, scale=scaling)[:, 0]  # [H, kv]
             step_mass[module.layer_idx] = row[:, span[0]:span[1]].sum(dim=-1).double()
         return base_attention(module, query, key, value, mask, scaling, **kw)
 

@@ -150,7 +150,7 @@ def cmd_eval(args) -> int:
         print(f"kvpolicy: {exc}" if isinstance(exc, ModelError) else exc, file=sys.stderr)
         return 1
     if args.task == "niah":
-        spec = ev.NeedleSpec(*(v for v in (args.needle, args.question, args.answer)))
+        spec = ev.NeedleSpec(args.needle, args.question, args.answer)
         needles = [spec] + [ev.NeedleSpec(spec.needle.replace(spec.answer, code), spec.question, code)
                             for code in _codes(args.needles - 1)]
         haystack = Path(args.haystack).read_text(encoding="utf-8") if args.haystack else None

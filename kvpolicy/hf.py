@@ -9,7 +9,6 @@ calibration and compression need.
 
 from __future__ import annotations
 
-import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,7 +21,12 @@ from kvpolicy.pipeline import Pipeline, compile_pipeline
 from kvpolicy.reference.attention import attention_with_column_sums
 from kvpolicy.reference.scores import LayerInputs
 
-_ids = itertools.count()
+TAP_NAME = "kvpolicy_tap"
+_active: list[Callable] = []  # the innermost tap is called
+
+
+def _dispatch(module, *args, **kwargs):
+    return _active[-1](module, *args, **kwargs)
 
 
 def base_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -41,25 +45,18 @@ def tap_attention(model, fn: Callable):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    name = f"kvpolicy_tap_{next(_ids)}"
-    AttentionInterface.register(name, fn)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    # registered once, under one name: a tap per decode step must not grow the registries
+    if TAP_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(TAP_NAME, _dispatch)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(TAP_NAME, sdpa_mask)
     previous = model.config._attn_implementation
-    model.config._attn_implementation = name
+    model.config._attn_implementation = TAP_NAME
+    _active.append(fn)
     try:
         yield
     finally:
+        _active.pop()
         model.config._attn_implementation = previous
-
-
-def attention_row(query, key, scaling: float, n_rep: int) -> torch.Tensor:
-    """Softmax probabilities of single-token queries: ``[B, H, 1, d] x [B, H_kv, kv, d] -> [B, H, kv]`` fp32."""
-    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
-    logits = torch.einsum("bhqd,bhkd->bhqk", query.float(), k.float()) * scaling
-    return logits.softmax(dim=-1)[:, :, 0]
-
-
-# --------------------------------------------------------------------------- policies on generate
 
 
 @dataclass

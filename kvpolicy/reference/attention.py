@@ -20,12 +20,14 @@ def expand_kv(x: Tensor, n_rep: int) -> Tensor:
     return x.repeat_interleave(n_rep, dim=0) if n_rep > 1 else x
 
 
-def window_attention(queries: Tensor, keys: Tensor, n_rep: int, window: int | None = None) -> Tensor:
+def window_attention(queries: Tensor, keys: Tensor, n_rep: int, window: int | None = None,
+                     scale: float | None = None) -> Tensor:
     """Softmax rows of the last ``window`` prompt queries over all ``N`` keys.
 
     ``queries [H, W_cap, d]`` are the last ``W_cap`` prompt queries (positions
     ``N - W_cap .. N - 1``); ``window <= W_cap`` of them are used.
     Returns ``[H, window, N]`` fp32 probabilities (SnapKV, arXiv 2404.14469 eq. 1).
+    ``scale`` defaults to ``1 / sqrt(d)``.
     """
     H, W_cap, d = queries.shape
     N = keys.shape[1]
@@ -34,7 +36,7 @@ def window_attention(queries: Tensor, keys: Tensor, n_rep: int, window: int | No
         raise ValueError(f"window {w} needs 1..{W_cap} captured queries")
     q = queries[:, W_cap - w:].float()
     k = expand_kv(keys, n_rep).float()
-    logits = torch.einsum("hwd,hnd->hwn", q, k) / math.sqrt(d)
+    logits = torch.einsum("hwd,hnd->hwn", q, k) * (1.0 / math.sqrt(d) if scale is None else scale)
     q_pos = torch.arange(N - w, N, device=keys.device)[:, None]
     logits = logits.masked_fill(torch.arange(N, device=keys.device)[None, :] > q_pos, float("-inf"))
     return torch.softmax(logits, dim=-1)
