@@ -155,16 +155,12 @@ def policy(name: str, budget, *, description: str = "", keep: dict | None = None
 # --------------------------------------------------------------------------- method constructors
 
 
-def _shipped(name: str, budget, **changes) -> ir.Policy:
+def _shipped(name: str, budget) -> ir.Policy:
+    """The shipped policy ``name`` (already checked when read), at ``budget`` if given."""
     from kvpolicy.registry import load
 
     p = load(name)
-    if changes:
-        p = replace(p, **changes)
-    if budget is not None:
-        return p.with_budget(budget)
-    validate(p)
-    return p
+    return p if budget is None else p.with_budget(budget)
 
 
 def _map_local(p: ir.Policy, fn) -> tuple[ir.ScoreDef, ...]:
