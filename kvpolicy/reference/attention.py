@@ -46,7 +46,9 @@ def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int 
     """``s[h, j] = sum_i softmax(q_i K^T / sqrt(d))[j]`` over all prompt queries
     ``i >= j`` (H2O's accumulated attention, arXiv 2306.14048 §3).
 
-    ``queries [H, N, d]``, ``keys [H_kv, N, d]`` -> ``[H, N]`` fp32. Queries are
+    ``queries [H, N, d]``, ``keys [H_kv, N, d]`` -> ``[H, N]`` fp32 (or the
+    last ``T < N`` queries only: their share of the sum, as one chunk of a
+    chunked prefill contributes it; see :func:`attention_with_column_sums`). Queries are
     taken ``block`` at a time against the keys they can see, so memory is
     ``H * block * N``, never ``N * N``.
     """
@@ -55,26 +57,36 @@ def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int 
 
 def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | None, n_rep: int,
                                block: int = 256, scale: float | None = None) -> tuple[Tensor | None, Tensor]:
-    """Causal attention output ``[H, N, d]`` (when ``values`` are given) and the
+    """Causal attention output ``[H, T, d]`` (when ``values`` are given) and the
     accumulated attention ``[H, N]`` from the same softmax rows, block by block.
+
+    ``queries [H, T, d]`` are the last ``T`` of the ``N`` positions the keys
+    ``[H_kv, N, d]`` cover (``T = N`` for a whole prompt; ``T < N`` for one
+    chunk of a chunked prefill, whose queries see the earlier chunks' keys),
+    so the query at row ``i`` sits at position ``N - T + i``.
 
     During a prefill this replaces the model's own attention call, so the
     accumulated attention costs no second pass over the queries.
     """
-    H, N, d = queries.shape
+    H, T, d = queries.shape
+    N = keys.shape[1]
+    if T > N:
+        raise ValueError(f"{T} queries but only {N} keys")
+    offset = N - T
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     k = expand_kv(keys, n_rep).float()
     v = expand_kv(values, n_rep).float() if values is not None else None
     acc = torch.zeros(H, N, dtype=torch.float32, device=keys.device)
-    out = torch.empty(H, N, v.shape[-1], dtype=torch.float32, device=keys.device) if v is not None else None
-    for start in range(0, N, block):
-        stop = min(start + block, N)
+    out = torch.empty(H, T, v.shape[-1], dtype=torch.float32, device=keys.device) if v is not None else None
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        visible = offset + stop
         q = queries[:, start:stop].float()
-        logits = torch.einsum("hbd,hnd->hbn", q, k[:, :stop]) * scale
-        q_pos = torch.arange(start, stop, device=keys.device)[:, None]
-        logits = logits.masked_fill(torch.arange(stop, device=keys.device)[None, :] > q_pos, float("-inf"))
+        logits = torch.einsum("hbd,hnd->hbn", q, k[:, :visible]) * scale
+        q_pos = torch.arange(offset + start, visible, device=keys.device)[:, None]
+        logits = logits.masked_fill(torch.arange(visible, device=keys.device)[None, :] > q_pos, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        acc[:, :stop] += probs.sum(dim=1)
+        acc[:, :visible] += probs.sum(dim=1)
         if out is not None:
-            out[:, start:stop] = probs @ v[:, :stop]
+            out[:, start:stop] = probs @ v[:, :visible]
     return out, acc

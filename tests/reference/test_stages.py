@@ -151,3 +151,18 @@ def test_pipeline_keeps_input_unchanged_when_budget_covers_prompt():
     k, v = torch.randn(1, 100, 4), torch.randn(1, 100, 4)
     out = pipe.compress(0, pipe.capture(torch.randn(1, 100, 4), k, v))
     assert torch.equal(out.keys, k) and out.counts.tolist() == [100]
+
+
+def test_accumulated_attention_sums_over_chunks():
+    """A chunked prefill adds each chunk's share: the chunks' sums equal the
+    whole prompt's accumulated attention."""
+    torch.manual_seed(0)
+    H, H_kv, N, d = 4, 2, 37, 8
+    q, k = torch.randn(H, N, d), torch.randn(H_kv, N, d)
+    whole = attention.accumulated_attention(q, k, n_rep=2, block=8)
+    chunked = torch.zeros(H, N)
+    for start, stop in [(0, 10), (10, 11), (11, 30), (30, 37)]:
+        chunked[:, :stop] += attention.accumulated_attention(q[:, start:stop], k[:, :stop], n_rep=2, block=4)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="queries but only"):
+        attention.accumulated_attention(q, k[:, :10], n_rep=2)
