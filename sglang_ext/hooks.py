@@ -1,0 +1,137 @@
+"""kvpolicy's SGLang plugin: every hook target, in one place.
+
+SGLang 0.5.x loads the functions registered under the entry-point group
+``sglang.srt.plugins`` early in every process it starts (the launcher, the
+scheduler, the tokenizer and detokenizer managers) and then applies the hooks
+they registered with ``HookRegistry`` (``sglang/srt/plugins``). kvpolicy's
+entry point is :func:`register`:
+
+* in every process, two launch hooks make ``--kv-policy`` a real flag of
+  SGLang's own launcher (``python -m sglang.launch_server`` and ``sglang
+  serve``): it appears in ``--help``, and the policy is read and checked right
+  after argument parsing, before any model loads
+  (:mod:`kvpolicy.sglang_ext.launch`);
+* in processes started with a policy (the launcher hands it over through the
+  environment), the runtime hooks below capture, compress and shift decode
+  positions (:mod:`kvpolicy.sglang_ext.runtime`). Without ``--kv-policy``
+  they are not installed and SGLang runs untouched.
+
+The targets are narrow methods whose signatures this module was written
+against (SGLang 0.5.23); :data:`RUNTIME_TARGETS` lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from kvpolicy.sglang_ext import launch
+
+log = logging.getLogger("kvpolicy")
+
+_SRT = "sglang.srt"
+LAUNCH_TARGETS = {
+    "add_cli_args": f"{_SRT}.server_args.ServerArgs.add_cli_args",
+    "prepare_server_args": f"{_SRT}.server_args.prepare_server_args",
+}
+RUNTIME_TARGETS = {
+    # a ForwardBatch was built: note prefill rows to capture, shift decode positions
+    "forward_batch": f"{_SRT}.model_executor.forward_batch_info.ForwardBatch.init_new",
+    # one attention layer ran (its KV is in the pool): capture queries / column sums
+    "attention": f"{_SRT}.layers.radix_attention.RadixAttention.forward",
+    # a prefill batch's results were processed (prompt checkpointed): compress
+    "prefill_done": f"{_SRT}.managers.scheduler_components.batch_result_processor."
+                    "SchedulerBatchResultProcessor.process_batch_result_prefill",
+    # a request gave its KV back (finished, aborted, retracted): forget its state
+    "release": f"{_SRT}.mem_cache.common.release_kv_cache",
+    # /server_info: the pool's counters and each compressed request
+    "internal_state": f"{_SRT}.managers.scheduler_components.internal_state."
+                      "SchedulerInternalStateController.get_internal_state",
+}
+
+_runtime = None
+
+
+def runtime():
+    """The scheduler process's :class:`~kvpolicy.sglang_ext.runtime.Runtime`."""
+    global _runtime
+    if _runtime is None:
+        from kvpolicy.registry import load
+        from kvpolicy.sglang_ext.runtime import Runtime
+
+        _runtime = Runtime(load(os.environ[launch.ENV_POLICY]))
+    return _runtime
+
+
+# -- launch hooks ------------------------------------------------------------------
+
+
+def _after_add_cli_args(result, parser, *args, **kwargs):
+    launch.add_flag(parser)
+    return result
+
+
+def _around_prepare_server_args(original, argv, *args, **kwargs):
+    server_args = original(argv, *args, **kwargs)
+    launch.prepare(list(argv), server_args)
+    return server_args
+
+
+# -- runtime hooks -----------------------------------------------------------------
+
+
+def _after_forward_batch(result, cls, batch, model_runner, *args, **kwargs):
+    rt = runtime()
+    rt.attach(model_runner)
+    rt.begin_forward(batch, result)
+    rt.shift_positions(batch, result)
+    return result
+
+
+def _after_attention(result, layer, q, k=None, v=None, forward_batch=None, *args, **kwargs):
+    rt = _runtime
+    if rt is not None and rt.rows is not None:
+        fb = forward_batch if forward_batch is not None else kwargs.get("forward_batch")
+        rt.on_attention(layer, q, fb)
+    return result
+
+
+def _after_prefill_done(result, processor, batch, *args, **kwargs):
+    runtime().compress_batch(processor, batch)
+    return result
+
+
+def _around_release(original, req, tree_cache, *args, **kwargs):
+    rt = _runtime
+    record = rt.records.get(req.rid) if rt is not None else None
+    out = original(req, tree_cache, *args, **kwargs)
+    if rt is not None:
+        if record is not None and not req.finished():
+            # retracted: prefilled again later, from scratch, and then
+            # compressed again; its KV is exact until then
+            req.skip_radix_cache_insert = record.skip_radix_cache_insert
+        rt.forget(req.rid)
+    return out
+
+
+def _after_internal_state(result, controller, *args, **kwargs):
+    scheduler = controller.scheduler
+    state = runtime().state(scheduler.token_to_kv_pool_allocator, scheduler.tree_cache)
+    state["max_total_num_tokens"] = int(scheduler.max_total_num_tokens)
+    result.internal_state["kvpolicy"] = state
+    return result
+
+
+def register() -> None:
+    """The ``sglang.srt.plugins`` entry point."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(LAUNCH_TARGETS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(LAUNCH_TARGETS["prepare_server_args"], _around_prepare_server_args, HookType.AROUND)
+    if not os.environ.get(launch.ENV_POLICY):
+        return
+    HookRegistry.register(RUNTIME_TARGETS["forward_batch"], _after_forward_batch, HookType.AFTER)
+    HookRegistry.register(RUNTIME_TARGETS["attention"], _after_attention, HookType.AFTER)
+    HookRegistry.register(RUNTIME_TARGETS["prefill_done"], _after_prefill_done, HookType.AFTER)
+    HookRegistry.register(RUNTIME_TARGETS["release"], _around_release, HookType.AROUND)
+    HookRegistry.register(RUNTIME_TARGETS["internal_state"], _after_internal_state, HookType.AFTER)

@@ -1,0 +1,135 @@
+"""Launch-time half of ``--kv-policy``: read and check the policy before any
+model loads, check that the server's own flags leave room for it, and hand it
+to the processes SGLang spawns.
+
+The hand-off is one environment variable (:data:`ENV_POLICY`) holding the
+policy's path or shipped name; SGLang starts its scheduler processes after
+argument parsing, so they inherit it, and the plugin installs the compression
+hooks there when it sees it (:mod:`kvpolicy.sglang_ext.hooks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kvpolicy import ir
+from kvpolicy.errors import PolicyError
+from kvpolicy.registry import load
+
+ENV_POLICY = "KVPOLICY_SERVE_POLICY"
+FLAG = "--kv-policy"
+HELP = ("kvpolicy: compress each request's KV cache in SGLang's pool after its prefill with this policy "
+        "(a .kvp file or a shipped name: ems, snapkv, h2o, streamingllm, full). "
+        "The radix cache stays on; see the kvpolicy README, 'Serving'.")
+
+log = logging.getLogger("kvpolicy")
+
+
+class LaunchError(Exception):
+    """A flag combination ``--kv-policy`` cannot serve."""
+
+
+def add_flag(parser: argparse.ArgumentParser) -> None:
+    if not any(FLAG in a.option_strings for a in parser._actions):
+        parser.add_argument(FLAG, type=str, default=None, metavar="POLICY", help=HELP)
+
+
+def policy_arg(argv: list[str]) -> str | None:
+    """The ``--kv-policy`` value in an SGLang command line (``None`` if absent)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_flag(parser)
+    known, _ = parser.parse_known_args(argv)
+    return known.kv_policy
+
+
+def servable(policy: ir.Policy) -> None:
+    """Raise :class:`PolicyError` unless the pool path serves ``policy`` exactly.
+
+    SGLang's pool gives a request one slot per token for all layers and heads
+    at once, so the compressed request is served in the rank-slot layout
+    (DESIGN § Where compressed KV lives): every layer and every KV head keeps
+    the same number of tokens. Policies whose budgets vary per layer or per
+    head are refused here rather than approximated.
+    """
+    sel = policy.selection
+    if sel is None:
+        return
+    why = None
+    if not isinstance(policy.layers, ir.Uniform):
+        why = f"its layers get different budgets ({type(policy.layers).__name__.lower()} schedule)"
+    elif any(o.budget != policy.budget for o in policy.overrides):
+        why = "its layer overrides give some layers a different budget"
+    elif sel.unit == "pooled":
+        why = "its heads keep different numbers of tokens (per head pooled)"
+    elif sel.keep.p is not None:
+        why = f"top-p keeping (p={sel.keep.p}) gives heads different numbers of tokens"
+    elif policy.trigger.decode_every is not None:
+        why = "it recompresses during decoding, which the pool path does not run yet"
+    if why:
+        raise PolicyError(
+            f"policy '{policy.name}' cannot be served by SGLang's pool yet: {why}. "
+            "The pool path keeps the same number of tokens in every layer and KV head "
+            "(rank-slot layout); use a uniform per-head or per-layer policy "
+            "(ems, snapkv, h2o, streamingllm), or evaluate this one with `kvpolicy eval`",
+            file=policy.source)
+
+
+def check_server_args(args) -> list[str]:
+    """Flags that conflict with ``--kv-policy``: raise :class:`LaunchError`
+    for those that cannot be adjusted, adjust the rest in place and return
+    what was changed (to be logged)."""
+    problems = []
+    if getattr(args, "page_size", 1) not in (None, 1):
+        problems.append(f"--page-size {args.page_size}: compressed requests need page size 1")
+    if getattr(args, "enable_mixed_chunk", False):
+        problems.append("--enable-mixed-chunk: decode requests riding a prefill batch are not compressed yet")
+    if getattr(args, "speculative_algorithm", None):
+        problems.append("--speculative-algorithm: speculative decoding is not supported with a policy")
+    for flag in ("tp_size", "pp_size", "dp_size"):
+        if (getattr(args, flag, 1) or 1) > 1:
+            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: one rank only for now")
+    if getattr(args, "disaggregation_mode", "null") not in (None, "null"):
+        problems.append("--disaggregation-mode: prefill/decode disaggregation is not supported")
+    if getattr(args, "enable_hierarchical_cache", False):
+        problems.append("--enable-hierarchical-cache: host offload of compressed KV is not supported")
+    if problems:
+        raise LaunchError("--kv-policy cannot be combined with: " + "; ".join(problems))
+    changed = []
+    if not getattr(args, "disable_overlap_schedule", False):
+        # The overlap scheduler launches a request's first decode step before
+        # its prefill result is processed, i.e. before compression can run.
+        args.disable_overlap_schedule = True
+        changed.append("overlap scheduling disabled (compression runs between prefill and the first decode step)")
+    return changed
+
+
+def resolve(spec: str) -> str:
+    """The value handed to the scheduler processes: an absolute path for a
+    file, the name for a shipped policy."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.is_file() else spec
+
+
+def prepare(argv: list[str], server_args) -> None:
+    """Read, check and hand over the policy named by ``--kv-policy`` in
+    ``argv``; exit with status 2 and the error on stderr if it is bad."""
+    spec = policy_arg(argv)
+    if spec is None:
+        os.environ.pop(ENV_POLICY, None)
+        return
+    try:
+        policy = load(spec)
+        servable(policy)
+        changed = check_server_args(server_args)
+    except (PolicyError, LaunchError) as exc:
+        print(f"error: --kv-policy {spec}: {exc}" if isinstance(exc, LaunchError) else str(exc),
+              file=sys.stderr)
+        sys.exit(2)
+    os.environ[ENV_POLICY] = resolve(spec)
+    log.info("kvpolicy: serving with policy '%s' (%s)", policy.name, os.environ[ENV_POLICY])
+    for line in changed:
+        log.info("kvpolicy: %s", line)

@@ -1,0 +1,318 @@
+"""Scheduler-side half of ``--kv-policy``: capture during prefill, compress
+in SGLang's pool right after it, and keep decode positions logical.
+
+Life of a compressed request (DESIGN § Where compressed KV lives in SGLang):
+
+1. **Capture.** Every prefill forward (each chunk of a chunked prefill) runs
+   through :func:`on_attention` once per layer, after the layer wrote its
+   keys and values to the pool: it keeps the last ``W`` post-RoPE queries of
+   each request that will be compressed and, when the policy scores with
+   ``global()``, adds the chunk's share of the accumulated attention
+   (:func:`kvpolicy.reference.attention.accumulated_attention` with the
+   chunk's queries over all keys so far).
+2. **Compress.** When the request's prefill result has been processed (its
+   prompt is then checkpointed into the radix tree as exact KV),
+   :func:`compress_batch` reads each layer's ``N`` keys and values back from
+   the pool, runs the policy's pipeline, allocates ``B`` fresh slots, writes
+   the rank-slot layout there (slot ``j`` holds every KV head's ``j``-th kept
+   token), points ``req_to_token[row, :B]`` at them, and gives up the
+   request's hold on the ``N`` uncompressed slots: those the request owned
+   are freed; those the tree owns (the prompt it just inserted, or a matched
+   prefix) are unlocked and stay in the tree as evictable, exact cache, so
+   the next turn of a conversation still matches them. The request's rows in
+   the batch now say ``B``; the request is marked ``skip_radix_cache_insert``
+   so its private, compressed KV is never inserted into the tree as if it
+   were exact, and at finish SGLang's own release frees its ``B + t`` slots.
+3. **Decode.** SGLang derives decode positions from the physical length
+   (``B + t``); :func:`shift_positions` adds ``N - B`` per request, so RoPE
+   sees the logical position ``N + t``.
+
+Choices made here, and why:
+
+* Queries of a prefix matched in the radix tree are not recomputed (that is
+  the point of the match). ``local()`` needs only the last ``W`` queries,
+  which are recomputed unless the match leaves fewer than ``W`` new tokens;
+  ``global()`` sums over the queries that were computed. Both counts are in
+  the request's log line (``queries=``), so a radix hit that shortens them is
+  visible, not silent.
+* The policy's pipeline runs on the reference (pure torch) stages; on CUDA
+  tensors the Triton stages slot in through the pipeline's backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvpolicy import ir
+from kvpolicy.budgets import ModelShape
+from kvpolicy.pipeline import Pipeline, compile_pipeline
+from kvpolicy.reference.attention import accumulated_attention
+from kvpolicy.reference.scores import LayerInputs
+
+log = logging.getLogger("kvpolicy")
+
+
+@dataclass
+class Capture:
+    """What one request's prefill leaves for its compression."""
+
+    rid: str
+    prompt_len: int
+    pipeline: Pipeline
+    queries: list = field(default_factory=list)  # per layer [H, <=W, d]
+    accumulated: list = field(default_factory=list)  # per layer [H, N] fp32, or None
+    first_query: int | None = None  # position of the first query this prefill computed
+
+
+@dataclass
+class Record:
+    """One compressed request, for its log line and the server's state."""
+
+    rid: str
+    prompt_tokens: int
+    slots_kept: int
+    slots_freed: int  # returned to the allocator now
+    slots_released_to_tree: int  # still cached by the radix tree, now evictable
+    position_offset: int
+    seconds: float
+    skip_radix_cache_insert: bool  # the request's own flag before compression
+
+
+class Runtime:
+    """Per-scheduler state; one instance per scheduler process."""
+
+    def __init__(self, policy: ir.Policy):
+        self.policy = policy
+        self.shape: ModelShape | None = None
+        self.pools = None  # (req_to_token_pool, token_to_kv_pool) of the model runner
+        self.captures: dict[str, Capture] = {}
+        self.offsets: dict[str, int] = {}  # rid -> N - B for compressed, running requests
+        self.records: dict[str, Record] = {}  # compressed, still running
+        self.rows: list[Capture | None] | None = None  # the current prefill forward's rows
+        self.forward_batch: tuple | None = None  # the current prefill forward's key
+        self.totals = {"requests_compressed": 0, "prompt_tokens": 0, "slots_kept": 0, "slots_freed": 0,
+                       "slots_released_to_tree": 0, "requests_not_compressed": 0}
+
+    # -- setup -----------------------------------------------------------------
+
+    def attach(self, model_runner) -> None:
+        """The model's shape and the pools the capture reads keys from."""
+        if self.shape is None:
+            self.pools = (model_runner.req_to_token_pool, model_runner.token_to_kv_pool)
+            self.model_shape(model_runner.model_config)
+
+    def model_shape(self, model_config) -> ModelShape:
+        if self.shape is None:
+            hf = model_config.hf_text_config
+            self.shape = ModelShape(hf.num_hidden_layers, hf.num_key_value_heads or hf.num_attention_heads,
+                                    hf.num_attention_heads, name=getattr(hf, "_name_or_path", None))
+        return self.shape
+
+    def compresses(self, prompt_len: int) -> Pipeline | None:
+        """The pipeline for a prompt of this length, or ``None`` when the
+        policy keeps every token (no selection, or a budget >= the prompt)."""
+        if self.policy.selection is None or self.shape is None:
+            return None
+        pipe = compile_pipeline(self.policy, self.shape, prompt_len)
+        budgets = set(pipe.plan.layer_budgets)
+        if len(budgets) != 1:  # refused at launch; never approximated here
+            raise RuntimeError(f"kvpolicy: layer budgets {sorted(budgets)} are not uniform")
+        return pipe if budgets.pop() < prompt_len else None
+
+    # -- 1. capture ----------------------------------------------------------------
+
+    def begin_forward(self, batch, forward_batch) -> None:
+        """Called as each ForwardBatch is built: note which rows of a prefill
+        forward belong to requests that will be compressed."""
+        self.rows, self.forward_batch = None, None
+        mode = forward_batch.forward_mode
+
+        if not mode.is_extend() or mode.is_decode() or self.policy.selection is None:
+            return
+        rows, any_row = [], False
+        for req in batch.reqs:
+            total = len(req.origin_input_ids) + len(req.output_ids)
+            cap = self.captures.get(req.rid)
+            if cap is None or cap.prompt_len != total:
+                pipe = self.compresses(total)
+                cap = Capture(req.rid, total, pipe) if pipe is not None else None
+                if cap is not None:
+                    self.captures[req.rid] = cap
+                else:
+                    self.captures.pop(req.rid, None)
+            rows.append(cap)
+            any_row |= cap is not None
+        if any_row:
+            self.rows, self.forward_batch = rows, self._key(forward_batch)
+
+    @staticmethod
+    def _key(forward_batch) -> tuple | None:
+        """Which prefill forward this is: the model runs a copy of the
+        ForwardBatch built here, so rows are matched by their lengths."""
+        if not forward_batch.forward_mode.is_extend() or forward_batch.extend_seq_lens_cpu is None:
+            return None
+        return (tuple(forward_batch.extend_prefix_lens_cpu), tuple(forward_batch.extend_seq_lens_cpu))
+
+    def on_attention(self, layer, q: torch.Tensor, forward_batch) -> None:
+        """After layer ``layer.layer_id`` of a prefill forward wrote its KV."""
+        if self.rows is None or self._key(forward_batch) != self.forward_batch:
+            return
+        lid = layer.layer_id
+        H, d = layer.tp_q_head_num, layer.qk_head_dim
+        q = q.reshape(-1, H, d)
+        ext = forward_batch.extend_seq_lens_cpu
+        pre = forward_batch.extend_prefix_lens_cpu
+        start = 0
+        for i, cap in enumerate(self.rows):
+            n_ext, n_pre = int(ext[i]), int(pre[i])
+            if cap is not None:
+                self._capture(cap, lid, layer, q[start:start + n_ext].transpose(0, 1), n_pre, forward_batch, i)
+            start += n_ext
+
+    def _capture(self, cap: Capture, lid: int, layer, q: torch.Tensor, n_pre: int, forward_batch, i: int) -> None:
+        pipe = cap.pipeline
+        while len(cap.queries) <= lid:
+            cap.queries.append(None)
+            cap.accumulated.append(None)
+        if cap.first_query is None or lid == 0 and n_pre < cap.first_query:
+            cap.first_query = n_pre
+        if pipe.window:
+            prev = cap.queries[lid]
+            joined = q if prev is None else torch.cat([prev, q], dim=1)
+            cap.queries[lid] = joined[:, -pipe.window:].detach().clone()
+        if pipe.needs_accumulated:
+            seen = n_pre + q.shape[1]
+            row = forward_batch.req_pool_indices[i]
+            req_to_token_pool, kv_pool = self.pools
+            slots = req_to_token_pool.req_to_token[row, :seen].long()
+            keys = kv_pool.get_key_buffer(lid)[slots].transpose(0, 1)
+            share = accumulated_attention(q, keys, layer.tp_q_head_num // layer.tp_k_head_num)
+            if cap.accumulated[lid] is None:
+                cap.accumulated[lid] = torch.zeros(q.shape[0], cap.prompt_len, dtype=torch.float32,
+                                                   device=q.device)
+            cap.accumulated[lid][:, :seen] += share
+
+    # -- 2. compress ---------------------------------------------------------------
+
+    def compress_batch(self, processor, batch) -> None:
+        """After a prefill batch's results: compress every request whose
+        prompt is now complete and that keeps decoding."""
+        self.rows, self.forward_batch = None, None
+        for i, req in enumerate(batch.reqs):
+            cap = self.captures.get(req.rid)
+            if cap is None:
+                continue
+            if req.finished() or req.is_retracted:
+                self.forget(req.rid)
+                continue
+            if req.inflight_middle_chunks > 0 or req.kv.kv_committed_len < cap.prompt_len:
+                continue  # a middle chunk: more prompt to come
+            del self.captures[req.rid]
+            try:
+                self._compress(processor, batch, i, req, cap)
+            except _NotCompressed as exc:
+                self.totals["requests_not_compressed"] += 1
+                log.warning("kvpolicy: rid=%s not compressed: %s", req.rid, exc)
+
+    def _compress(self, processor, batch, i: int, req, cap: Capture) -> None:
+        t0 = time.perf_counter()
+        tree = processor.tree_cache
+        allocator = tree.token_to_kv_pool_allocator
+        kv = allocator.get_kvcache()
+        req_to_token = tree.req_to_token_pool.req_to_token
+        row = req.kv.req_pool_idx
+        N = cap.prompt_len
+        if req.kv.kv_committed_len != N or req.kv.kv_allocated_len != N:
+            raise _NotCompressed(f"it holds {req.kv.kv_committed_len} committed / "
+                               f"{req.kv.kv_allocated_len} allocated slots, expected the prompt's {N}")
+        missing = [lid for lid in range(self.shape.num_layers)
+                   if lid >= len(cap.queries) or (cap.pipeline.window and cap.queries[lid] is None)]
+        if missing:
+            raise _NotCompressed(f"no capture for layers {missing[:5]}")
+        B = cap.pipeline.plan.layer_budgets[0]
+        old = req_to_token[row, :N].to(torch.long).clone()
+
+        # New slots first: if the pool cannot give B slots, nothing changes.
+        from sglang.srt.mem_cache.allocation import alloc_token_slots
+
+        try:
+            new = alloc_token_slots(tree, B)
+        except RuntimeError as exc:
+            raise _NotCompressed(f"no {B} free slots for the compressed copy") from exc
+        queries_seen = N - (cap.first_query or 0)
+        for lid in range(self.shape.num_layers):
+            keys = kv.get_key_buffer(lid)[old].transpose(0, 1)
+            values = kv.get_value_buffer(lid)[old].transpose(0, 1)
+            inputs = LayerInputs(keys, values, cap.queries[lid], cap.accumulated[lid])
+            out = cap.pipeline.compress(lid, inputs)
+            k, v = out.rank_slot()  # [H_kv, B, d]
+            kv.set_kv_buffer(None, new, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
+                             layer_id_override=lid)
+        req_to_token[row, :B] = new.to(req_to_token.dtype)
+
+        # Give up the hold on the N uncompressed slots: [0, protected) belong to
+        # the tree (unlocked: evictable, still exact cache); the rest were the
+        # request's own and go back to the allocator.
+        protected = req.kv.cache_protected_len
+        owned = old[protected:]
+        if owned.numel():
+            allocator.free(owned)
+        tree.unlock(req.lock)
+        req.lock = None
+        req.kv.cache_protected_len = 0
+        req.kv.kv_committed_len = req.kv.kv_allocated_len = B
+        skip = req.skip_radix_cache_insert
+        req.skip_radix_cache_insert = True
+        batch.seq_lens[i] = B
+        if batch.seq_lens_cpu is not None:
+            batch.seq_lens_cpu[i] = B
+        batch.seq_lens_sum = None
+
+        rec = Record(req.rid, N, B, int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
+        self.offsets[req.rid] = N - B
+        self.records[req.rid] = rec
+        for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
+                           ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):
+            self.totals[key] += value
+        log.info("kvpolicy: rid=%s policy=%s prompt=%d kept=%d slots (%.1f%%) freed=%d released_to_tree=%d "
+                 "queries=%d/%d in %.2fs", req.rid, self.policy.name, N, B, 100.0 * B / N, rec.slots_freed,
+                 protected, min(queries_seen, N), N, rec.seconds)
+
+    # -- 3. decode -----------------------------------------------------------------
+
+    def shift_positions(self, batch, forward_batch) -> None:
+        """Decode positions: SGLang's ``seq_len - 1`` plus ``N - B``."""
+        if not self.offsets or not forward_batch.forward_mode.is_decode():
+            return
+        shift = [self.offsets.get(req.rid, 0) for req in batch.reqs]
+        if any(shift):
+            pos = forward_batch.positions
+            forward_batch.positions = pos + torch.tensor(shift, dtype=pos.dtype, device=pos.device)
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def forget(self, rid: str) -> None:
+        """The request released its KV (finished, aborted or retracted): its
+        compressed state is gone; a retracted request is prefilled and
+        compressed again from scratch."""
+        self.captures.pop(rid, None)
+        self.offsets.pop(rid, None)
+        self.records.pop(rid, None)
+
+    def state(self, allocator, tree) -> dict:
+        return {
+            "policy": self.policy.name,
+            "available_slots": int(allocator.available_size()),
+            "evictable_slots": int(tree.evictable_size()),
+            "protected_slots": int(tree.protected_size()),
+            "totals": dict(self.totals),
+            "running": {rid: vars(r) for rid, r in self.records.items()},
+        }
+
+
+class _NotCompressed(Exception):
+    """The request keeps its exact KV (logged and counted, never silent)."""
