@@ -33,6 +33,8 @@ _SRT = "sglang.srt"
 LAUNCH_TARGETS = {
     "add_cli_args": f"{_SRT}.server_args.ServerArgs.add_cli_args",
     "prepare_server_args": f"{_SRT}.server_args.prepare_server_args",
+    # each request, in the HTTP process: a bad per-request policy is a 400
+    "validate_request": f"{_SRT}.managers.tokenizer_manager.TokenizerManager._validate_one_request",
 }
 RUNTIME_TARGETS = {
     # a ForwardBatch was built: note prefill rows to capture, shift decode positions
@@ -42,6 +44,8 @@ RUNTIME_TARGETS = {
     # a prefill batch's results were processed (prompt checkpointed): compress
     "prefill_done": f"{_SRT}.managers.scheduler_components.batch_result_processor."
                     "SchedulerBatchResultProcessor.process_batch_result_prefill",
+    # how much of a prompt the radix match may cover: keep the window's queries
+    "prefix_limit": f"{_SRT}.managers.schedule_batch.Req._compute_max_prefix_len",
     # a request gave its KV back (finished, aborted, retracted): forget its state
     "release": f"{_SRT}.mem_cache.common.release_kv_cache",
     # /server_info: the pool's counters and each compressed request
@@ -77,6 +81,32 @@ def _around_prepare_server_args(original, argv, *args, **kwargs):
     return server_args
 
 
+def _before_validate_request(manager, obj, *args, **kwargs):
+    spec = os.environ.get(launch.ENV_POLICY)
+    params = getattr(obj, "sampling_params", None)
+    if not spec or not isinstance(params, dict):
+        return None
+    from kvpolicy.errors import PolicyError
+
+    try:
+        launch.request_policy(_server_policy(spec), params.get("custom_params"))
+    except PolicyError as exc:
+        raise ValueError(f"kvpolicy: {exc}") from None
+    return None
+
+
+def _server_policy(spec: str):
+    global _launch_policy
+    if _launch_policy is None or _launch_policy[0] != spec:
+        from kvpolicy.registry import load
+
+        _launch_policy = (spec, load(spec))
+    return _launch_policy[1]
+
+
+_launch_policy = None
+
+
 # -- runtime hooks -----------------------------------------------------------------
 
 
@@ -99,6 +129,11 @@ def _after_attention(result, layer, q, k=None, v=None, forward_batch=None, *args
 def _after_prefill_done(result, processor, batch, *args, **kwargs):
     runtime().compress_batch(processor, batch)
     return result
+
+
+def _after_prefix_limit(result, req, input_len, *args, **kwargs):
+    rt = _runtime
+    return result if rt is None else rt.prefix_limit(req, input_len, result)
 
 
 def _around_release(original, req, tree_cache, *args, **kwargs):
@@ -128,10 +163,12 @@ def register() -> None:
 
     HookRegistry.register(LAUNCH_TARGETS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
     HookRegistry.register(LAUNCH_TARGETS["prepare_server_args"], _around_prepare_server_args, HookType.AROUND)
+    HookRegistry.register(LAUNCH_TARGETS["validate_request"], _before_validate_request, HookType.BEFORE)
     if not os.environ.get(launch.ENV_POLICY):
         return
     HookRegistry.register(RUNTIME_TARGETS["forward_batch"], _after_forward_batch, HookType.AFTER)
     HookRegistry.register(RUNTIME_TARGETS["attention"], _after_attention, HookType.AFTER)
     HookRegistry.register(RUNTIME_TARGETS["prefill_done"], _after_prefill_done, HookType.AFTER)
+    HookRegistry.register(RUNTIME_TARGETS["prefix_limit"], _after_prefix_limit, HookType.AFTER)
     HookRegistry.register(RUNTIME_TARGETS["release"], _around_release, HookType.AROUND)
     HookRegistry.register(RUNTIME_TARGETS["internal_state"], _after_internal_state, HookType.AFTER)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvpolicy import ir
 from kvpolicy.errors import PolicyError
-from kvpolicy.registry import load
+from kvpolicy.registry import load, shipped_names
 
 ENV_POLICY = "KVPOLICY_SERVE_POLICY"
 FLAG = "--kv-policy"
@@ -76,6 +76,44 @@ def servable(policy: ir.Policy) -> None:
             "(rank-slot layout); use a uniform per-head or per-layer policy "
             "(ems, snapkv, h2o, streamingllm), or evaluate this one with `kvpolicy eval`",
             file=policy.source)
+
+
+REQUEST_POLICY = "kv_policy"  # custom_params keys a request may set
+REQUEST_BUDGET = "kv_budget"
+
+
+def request_policy(default: ir.Policy, custom_params) -> ir.Policy:
+    """The policy one request runs under: the server's, unless the request's
+    ``custom_params`` name a shipped policy (``{"kv_policy": "snapkv"}``) and/or
+    a budget (``{"kv_budget": "10%"}``). Raises :class:`PolicyError` (a 400
+    to the client) for anything the server cannot serve. Requests cannot name
+    files: a policy file is the operator's choice, made at launch."""
+    params = custom_params if isinstance(custom_params, dict) else {}
+    name, budget = params.get(REQUEST_POLICY), params.get(REQUEST_BUDGET)
+    if name is None and budget is None:
+        return default
+    return _request_policy(default, name, budget)
+
+
+def _request_policy(default: ir.Policy, name, budget) -> ir.Policy:
+    key = (id(default), name, budget)
+    if key not in _request_policies:
+        policy = default
+        if name is not None:
+            names = shipped_names()
+            if not isinstance(name, str) or name not in names:
+                raise PolicyError.suggesting(
+                    f"unknown {REQUEST_POLICY} '{name}': a request may name one of the shipped policies "
+                    f"({', '.join(names)})", str(name), names)
+            policy = load(name)
+        if budget is not None:
+            policy = policy.with_budget(str(budget))
+        servable(policy)
+        _request_policies[key] = policy
+    return _request_policies[key]
+
+
+_request_policies: dict = {}
 
 
 def check_server_args(args) -> list[str]:

@@ -30,11 +30,13 @@ Life of a compressed request (DESIGN § Where compressed KV lives in SGLang):
 Choices made here, and why:
 
 * Queries of a prefix matched in the radix tree are not recomputed (that is
-  the point of the match). ``local()`` needs only the last ``W`` queries,
-  which are recomputed unless the match leaves fewer than ``W`` new tokens;
-  ``global()`` sums over the queries that were computed. Both counts are in
-  the request's log line (``queries=``), so a radix hit that shortens them is
-  visible, not silent.
+  the point of the match). ``local()`` needs only the last ``W`` queries: a
+  request that will be compressed never matches more than ``N - W`` tokens
+  (:meth:`Runtime.prefix_limit`), so they are always computed. ``global()``
+  sums over the queries that were computed: on a radix hit of ``P`` tokens,
+  the ``N - P`` new ones. The count is in the request's log line
+  (``queries=``), so a hit that shortens the sum is visible, not silent;
+  recomputing the prefix would cost the prefill the radix cache saves.
 * The policy's pipeline runs on the reference (pure torch) stages; on CUDA
   tensors the Triton stages slot in through the pipeline's backend.
 """
@@ -52,6 +54,7 @@ from kvpolicy.budgets import ModelShape
 from kvpolicy.pipeline import Pipeline, compile_pipeline
 from kvpolicy.reference.attention import accumulated_attention
 from kvpolicy.reference.scores import LayerInputs
+from kvpolicy.sglang_ext.launch import request_policy
 
 log = logging.getLogger("kvpolicy")
 
@@ -63,6 +66,7 @@ class Capture:
     rid: str
     prompt_len: int
     pipeline: Pipeline
+    policy: ir.Policy
     queries: list = field(default_factory=list)  # per layer [H, <=W, d]
     accumulated: list = field(default_factory=list)  # per layer [H, N] fp32, or None
     first_query: int | None = None  # position of the first query this prefill computed
@@ -73,6 +77,7 @@ class Record:
     """One compressed request, for its log line and the server's state."""
 
     rid: str
+    policy: str
     prompt_tokens: int
     slots_kept: int
     slots_freed: int  # returned to the allocator now
@@ -112,12 +117,17 @@ class Runtime:
                                     hf.num_attention_heads, name=getattr(hf, "_name_or_path", None))
         return self.shape
 
-    def compresses(self, prompt_len: int) -> Pipeline | None:
+    def policy_for(self, req) -> ir.Policy:
+        """The server's policy, or the one the request's ``custom_params``
+        name (checked with a 400 before the request got here)."""
+        return request_policy(self.policy, getattr(req.sampling_params, "custom_params", None))
+
+    def compresses(self, policy: ir.Policy, prompt_len: int) -> Pipeline | None:
         """The pipeline for a prompt of this length, or ``None`` when the
         policy keeps every token (no selection, or a budget >= the prompt)."""
-        if self.policy.selection is None or self.shape is None:
+        if policy.selection is None or self.shape is None:
             return None
-        pipe = compile_pipeline(self.policy, self.shape, prompt_len)
+        pipe = compile_pipeline(policy, self.shape, prompt_len)
         budgets = set(pipe.plan.layer_budgets)
         if len(budgets) != 1:  # refused at launch; never approximated here
             raise RuntimeError(f"kvpolicy: layer budgets {sorted(budgets)} are not uniform")
@@ -131,15 +141,16 @@ class Runtime:
         self.rows, self.forward_batch = None, None
         mode = forward_batch.forward_mode
 
-        if not mode.is_extend() or mode.is_decode() or self.policy.selection is None:
+        if not mode.is_extend() or mode.is_decode():
             return
         rows, any_row = [], False
         for req in batch.reqs:
             total = len(req.origin_input_ids) + len(req.output_ids)
             cap = self.captures.get(req.rid)
             if cap is None or cap.prompt_len != total:
-                pipe = self.compresses(total)
-                cap = Capture(req.rid, total, pipe) if pipe is not None else None
+                policy = self.policy_for(req)
+                pipe = self.compresses(policy, total)
+                cap = Capture(req.rid, total, pipe, policy) if pipe is not None else None
                 if cap is not None:
                     self.captures[req.rid] = cap
                 else:
@@ -216,7 +227,10 @@ class Runtime:
                 self._compress(processor, batch, i, req, cap)
             except _NotCompressed as exc:
                 self.totals["requests_not_compressed"] += 1
-                log.warning("kvpolicy: rid=%s not compressed: %s", req.rid, exc)
+                log.warning("kvpolicy: rid=%s not compressed, it keeps its exact KV: %s", req.rid, exc)
+            except Exception:  # a bug of ours must not take the server down
+                self.totals["requests_not_compressed"] += 1
+                log.exception("kvpolicy: rid=%s not compressed, it keeps its exact KV", req.rid)
 
     def _compress(self, processor, batch, i: int, req, cap: Capture) -> None:
         t0 = time.perf_counter()
@@ -233,25 +247,32 @@ class Runtime:
                    if lid >= len(cap.queries) or (cap.pipeline.window and cap.queries[lid] is None)]
         if missing:
             raise _NotCompressed(f"no capture for layers {missing[:5]}")
+        short = [lid for lid in range(self.shape.num_layers)
+                 if cap.pipeline.window and cap.queries[lid].shape[1] < cap.pipeline.window]
+        if short:
+            raise _NotCompressed(f"fewer than {cap.pipeline.window} window queries were computed")
         B = cap.pipeline.plan.layer_budgets[0]
         old = req_to_token[row, :N].to(torch.long).clone()
+        queries_seen = N - (cap.first_query or 0)
 
-        # New slots first: if the pool cannot give B slots, nothing changes.
+        # Compress every layer first, then take B slots: until the slots are
+        # written nothing about the request has changed, so any failure leaves
+        # it exact (and is logged), never half-compressed.
+        kept = []
+        for lid in range(self.shape.num_layers):
+            keys = kv.get_key_buffer(lid)[old].transpose(0, 1)
+            values = kv.get_value_buffer(lid)[old].transpose(0, 1)
+            out = cap.pipeline.compress(lid, LayerInputs(keys, values, cap.queries[lid], cap.accumulated[lid]))
+            k, v = out.rank_slot()  # [H_kv, B, d]
+            kept.append((k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()))
         from sglang.srt.mem_cache.allocation import alloc_token_slots
 
         try:
             new = alloc_token_slots(tree, B)
         except RuntimeError as exc:
             raise _NotCompressed(f"no {B} free slots for the compressed copy") from exc
-        queries_seen = N - (cap.first_query or 0)
-        for lid in range(self.shape.num_layers):
-            keys = kv.get_key_buffer(lid)[old].transpose(0, 1)
-            values = kv.get_value_buffer(lid)[old].transpose(0, 1)
-            inputs = LayerInputs(keys, values, cap.queries[lid], cap.accumulated[lid])
-            out = cap.pipeline.compress(lid, inputs)
-            k, v = out.rank_slot()  # [H_kv, B, d]
-            kv.set_kv_buffer(None, new, k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous(),
-                             layer_id_override=lid)
+        for lid, (k, v) in enumerate(kept):
+            kv.set_kv_buffer(None, new, k, v, layer_id_override=lid)
         req_to_token[row, :B] = new.to(req_to_token.dtype)
 
         # Give up the hold on the N uncompressed slots: [0, protected) belong to
@@ -272,15 +293,26 @@ class Runtime:
             batch.seq_lens_cpu[i] = B
         batch.seq_lens_sum = None
 
-        rec = Record(req.rid, N, B, int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
+        rec = Record(req.rid, cap.policy.name, N, B, int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
         self.offsets[req.rid] = N - B
         self.records[req.rid] = rec
         for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
                            ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):
             self.totals[key] += value
         log.info("kvpolicy: rid=%s policy=%s prompt=%d kept=%d slots (%.1f%%) freed=%d released_to_tree=%d "
-                 "queries=%d/%d in %.2fs", req.rid, self.policy.name, N, B, 100.0 * B / N, rec.slots_freed,
+                 "queries=%d/%d in %.2fs", req.rid, cap.policy.name, N, B, 100.0 * B / N, rec.slots_freed,
                  protected, min(queries_seen, N), N, rec.seconds)
+
+    def prefix_limit(self, req, input_len: int, limit: int) -> int:
+        """How much of a prompt a radix match may cover: a request that will
+        be compressed recomputes at least its last ``W`` tokens, so that the
+        observation window's queries exist (``local()``)."""
+        if self.shape is None:
+            return limit
+        pipe = self.compresses(self.policy_for(req), input_len)
+        if pipe is None or not pipe.window:
+            return limit
+        return max(min(limit, input_len - pipe.window), 0)
 
     # -- 3. decode -----------------------------------------------------------------
 

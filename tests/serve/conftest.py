@@ -1,0 +1,48 @@
+"""Real SGLang servers on loopback, with the embedded default model.
+
+Two servers for the whole session: one without ``--kv-policy`` (the
+reference outputs) and one with EMS at 10% (per-request ``custom_params``
+pick other shipped policies on it). Each starts in about a minute on a 2-core
+CPU. If SGLang is missing, these tests fail with the reason: ``make test``
+installs it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpolicy.models import prepare_default_model
+from kvpolicy.sglang_ext import server as srv
+
+# --sleep-on-idle: an idle scheduler otherwise spins, and two servers share 2 cores here
+SERVER_FLAGS = ["--max-total-tokens", "8192", "--max-running-requests", "4", "--sleep-on-idle"]
+EMS_10 = "policy ems10\nextends ems\nbudget 10%\n"
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def plain_server(model_dir, tmp_path_factory):
+    server = srv.start(model_dir, tmp_path_factory.mktemp("plain") / "server.log", extra=SERVER_FLAGS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ems_server(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ems")
+    policy = tmp / "ems10.kvp"
+    policy.write_text(EMS_10)
+    server = srv.start(model_dir, tmp / "server.log", policy=str(policy), extra=SERVER_FLAGS)
+    yield server
+    server.stop()

@@ -1,0 +1,278 @@
+"""Serving with ``--kv-policy`` inside SGLang (issue: compressed KV in the
+pool, slots freed, radix cache on). Real servers, default model, CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from kvpolicy.budgets import DEFAULT_MODEL
+from kvpolicy.evaluate import NeedleSpec, niah_prompt
+from kvpolicy.haystack import haystack_text
+from kvpolicy.pipeline import compile_pipeline
+from kvpolicy.registry import load
+from kvpolicy.sglang_ext import server as srv
+
+from .conftest import EMS_10, SERVER_FLAGS
+
+# A needle the 135M model retrieves from EMS's 10% cache at this length and
+# depth (its 7-digit numbers lose their digits when merged: README § Results).
+LISBON = NeedleSpec("Mary's favourite city is Lisbon.", "What is Mary's favourite city?", "Lisbon")
+
+
+def chat_ids(tokenizer, user: str | list[dict]) -> list[int]:
+    messages = [{"role": "user", "content": user}] if isinstance(user, str) else user
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def hay(tokenizer, n: int, offset: int = 0) -> str:
+    ids = tokenizer.encode(haystack_text(), add_special_tokens=False)
+    return tokenizer.decode(ids[offset:offset + n])
+
+
+def pool_held(state: dict) -> int:
+    """Slots neither free nor cached by the radix tree: held by requests."""
+    return state["max_total_num_tokens"] - state["available_slots"] - state["evictable_slots"] - state["protected_slots"]
+
+
+def wait_idle(server, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = server.kv_state()
+        if not state["running"] and pool_held(state) == 0 or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+def stream_completion(server, prompt_ids, max_tokens, on_chunk=None, **extra):
+    """OpenAI ``/v1/completions`` with ``stream=True``; returns the text."""
+    body = {"model": "default", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            **extra}
+    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    text, n = [], 0
+    with urllib.request.urlopen(req, timeout=600) as reply:
+        for raw in reply:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            text.append(chunk["choices"][0].get("text") or "")
+            n += 1
+            if on_chunk is not None:
+                on_chunk(n)
+    return "".join(text)
+
+
+def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
+    """A 2k-token needle prompt over the OpenAI API with EMS at 10%: the answer
+    is right, and while it decodes the pool shows the request holding about
+    budget-many slots, not prompt-length many."""
+    context, question = niah_prompt(tokenizer, LISBON, 2048, 0.3)
+    ids = context + question
+    N = len(ids)
+    B = compile_pipeline(load(ems_server.args[-1]), DEFAULT_MODEL, N).plan.layer_budgets[0]
+    seen = {}
+
+    def snapshot(n):
+        if n == 4:
+            seen["state"] = ems_server.kv_state()
+
+    answer = stream_completion(ems_server, ids, 24, on_chunk=snapshot)
+    assert "Lisbon" in answer, answer
+
+    state = seen["state"]
+    (record,) = state["running"].values()
+    assert record["prompt_tokens"] == N and record["slots_kept"] == B == round(0.1 * N)
+    assert record["position_offset"] == N - B
+    # the pool's own counters: what is neither free nor in the tree is this request's
+    assert B <= pool_held(state) <= B + 24 < N // 5
+    # the uncompressed prompt stayed in the radix tree as evictable, exact cache
+    assert record["slots_released_to_tree"] + record["slots_freed"] == N
+    assert state["evictable_slots"] >= N - 1
+    assert f"prompt={N} kept={B} slots" in ems_server.log()
+
+    idle = wait_idle(ems_server)
+    assert idle["running"] == {} and pool_held(idle) == 0
+
+
+def test_full_policy_is_token_identical_to_a_server_without_policy(plain_server, ems_server, tokenizer):
+    ids = chat_ids(tokenizer, hay(tokenizer, 600, offset=5000) + "\n\nSummarise the text above in one sentence.")
+    plain = plain_server.generate(ids, 32)
+    full = ems_server.generate(ids, 32, custom_params={"kv_policy": "full"})
+    assert "text" in plain and "text" in full, (plain, full)
+    assert full["text"] == plain["text"]
+    assert full["meta_info"]["completion_tokens"] == plain["meta_info"]["completion_tokens"] > 8
+
+
+def test_snapkv_served_equals_the_transformers_path(ems_server, tokenizer, model_dir):
+    from kvpolicy import hf
+    from kvpolicy.models import load_model
+
+    ids = chat_ids(tokenizer, hay(tokenizer, 400, offset=9000) + "\n\nWhat is this text about?")
+    served = ems_server.generate(ids, 24, custom_params={"kv_policy": "snapkv", "kv_budget": "96"})
+    lm, tok, shape = load_model(str(model_dir))
+    new, state = hf.generate(lm, torch.tensor([ids]), load("snapkv").with_budget("96"), shape, max_new_tokens=24)
+    expected = tok.decode(new[0], skip_special_tokens=True)
+    assert served["text"] == expected, (served["text"], expected)
+    assert served["meta_info"]["completion_tokens"] == 24
+
+
+def test_radix_prefix_stays_exact_after_a_compressed_request(plain_server, ems_server, tokenizer):
+    """Request 1 shares a long prefix with requests 2 and 3 and is compressed;
+    2 (another question) and 3 (the next turn of 1's conversation) still hit
+    the cached prefix, and 2, decoding with the full cache from it, answers
+    exactly as a server that never compressed anything."""
+    context = hay(tokenizer, 1500, offset=20000)
+    first = chat_ids(tokenizer, context + "\n\nWhat is this text about?")
+    r1 = ems_server.generate(first, 16)
+    second = chat_ids(tokenizer, context + "\n\nName one keyword from the text above.")
+    r2 = ems_server.generate(second, 16, custom_params={"kv_policy": "full"})
+    common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert r2["meta_info"]["cached_tokens"] >= common - 1 > 1000
+    assert r2["text"] == plain_server.generate(second, 16)["text"]
+
+    turn = chat_ids(tokenizer, [{"role": "user", "content": context + "\n\nWhat is this text about?"},
+                                {"role": "assistant", "content": r1["text"]},
+                                {"role": "user", "content": "Say it in three words."}])
+    assert turn[:len(first)] == first
+    r3 = ems_server.generate(turn, 8)
+    assert r3["meta_info"]["cached_tokens"] >= len(first) - 1
+    assert "prompt=%d kept=" % len(turn) in ems_server.log()
+
+
+def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
+    ems_server.flush_cache()
+    start = wait_idle(ems_server)
+    assert pool_held(start) == 0
+
+    lengths = [60, 150, 300, 600, 1200]
+    policies = [None, {"kv_policy": "snapkv"}, {"kv_policy": "full"}, {"kv_policy": "streamingllm"},
+                {"kv_policy": "h2o", "kv_budget": "20%"}]
+    jobs = []
+    for i in range(30):
+        prompt = chat_ids(tokenizer, hay(tokenizer, lengths[i % 5], offset=1000 * i) + f"\n\nQuestion {i}: summarise.")
+        jobs.append((i, prompt, [1, 8, 4, 0, 2][i % 5], policies[(i // 5) % 5]))
+    outcomes = {"ok": 0, "rejected": 0, "aborted": 0}
+    lock = threading.Lock()
+
+    def run(job):
+        i, prompt, max_new, custom = job
+        params = {"custom_params": custom} if custom else {}
+        if i % 7 == 3:  # a client that disconnects mid-stream
+            try:
+                stream_completion(ems_server, prompt, 32, on_chunk=_hang_up_after(2))
+            except _HangUp:
+                pass
+            kind = "aborted"
+        elif i % 7 == 5:  # cancelled by id, wherever it is (queued, prefilling, decoding)
+            rid = f"leak-test-{i}"
+            thread = threading.Thread(target=ems_server.request, args=(
+                "/generate", {"input_ids": prompt, "rid": rid,
+                              "sampling_params": {"temperature": 0, "max_new_tokens": 32, **params}}))
+            thread.start()
+            time.sleep(0.2 + (i % 3))
+            ems_server.request("/abort_request", {"rid": rid})
+            thread.join(600)
+            kind = "aborted"
+        else:
+            reply = ems_server.generate(prompt, max_new, **params)
+            kind = "ok" if "text" in reply else "rejected"
+        with lock:
+            outcomes[kind] += 1
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(run, jobs))
+    assert outcomes["ok"] >= 20, outcomes
+
+    end = wait_idle(ems_server)
+    assert end["running"] == {} and pool_held(end) == 0, end
+    ems_server.flush_cache()
+    flushed = wait_idle(ems_server)
+    assert flushed["available_slots"] == start["available_slots"] == flushed["max_total_num_tokens"]
+    assert end["totals"]["requests_compressed"] > start["totals"]["requests_compressed"]
+    # and the server still answers a fresh request correctly
+    reply = ems_server.generate(chat_ids(tokenizer, "What is the capital of France? One word."), 8)
+    assert "Paris" in reply["text"]
+
+
+class _HangUp(Exception):
+    pass
+
+
+def _hang_up_after(n):
+    def on_chunk(seen):
+        if seen >= n:
+            raise _HangUp
+    return on_chunk
+
+
+BAD_POLICIES = [
+    ("policy broken\nbudget 10 tokns\n", "broken.kvp", "broken.kvp:2"),
+    (None, "missing.kvp", "not found"),
+    ("policy p\nextends pyramidkv\n", "pyr.kvp", "cannot be served by SGLang's pool"),
+]
+
+
+def test_bad_policy_exits_before_the_model_loads(model_dir, tmp_path):
+    """Through SGLang's real launcher (one process start: about 40 s of imports here)."""
+    path = tmp_path / "broken.kvp"
+    path.write_text(BAD_POLICIES[0][0])
+    cmd = srv.command(model_dir, policy=str(path), extra=SERVER_FLAGS, port=srv.free_port())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-2000:]
+    assert "broken.kvp:2" in out
+    assert "Load weight" not in out and "ready to roll" not in out
+
+
+@pytest.mark.parametrize("policy_text, file_name, expected", BAD_POLICIES)
+def test_launch_check_names_the_problem(tmp_path, capsys, monkeypatch, policy_text, file_name, expected):
+    from types import SimpleNamespace
+
+    from kvpolicy.sglang_ext import launch
+
+    monkeypatch.setenv(launch.ENV_POLICY, "restored after the test")
+
+    path = tmp_path / file_name
+    if policy_text is not None:
+        path.write_text(policy_text)
+    with pytest.raises(SystemExit) as exit_:
+        launch.prepare(["--model-path", "m", "--kv-policy", str(path)], SimpleNamespace())
+    assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_launch_refuses_flags_it_cannot_serve_and_adjusts_the_rest(capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from kvpolicy.sglang_ext import launch
+
+    monkeypatch.setenv(launch.ENV_POLICY, "restored after the test")
+
+    args = SimpleNamespace(page_size=16, enable_mixed_chunk=False, disable_overlap_schedule=False)
+    with pytest.raises(SystemExit):
+        launch.prepare(["--kv-policy", "snapkv"], args)
+    assert "--page-size 16" in capsys.readouterr().err
+    args = SimpleNamespace(page_size=1, disable_overlap_schedule=False)
+    launch.prepare(["--kv-policy", "snapkv"], args)
+    assert args.disable_overlap_schedule is True
+
+
+def test_a_request_naming_an_unknown_policy_gets_a_400(ems_server, tokenizer):
+    reply = ems_server.generate(chat_ids(tokenizer, "Hello"), 4, custom_params={"kv_policy": "snapkvv"})
+    assert reply["status"] == 400 and "snapkv" in reply["error"]
+    assert "text" in ems_server.generate(chat_ids(tokenizer, "Hello"), 4)
+
+
+def test_the_launch_policy_is_the_one_served(ems_server):
+    assert ems_server.args[-2:] == ["--kv-policy", ems_server.args[-1]]
+    assert open(ems_server.args[-1]).read() == EMS_10
+    assert ems_server.kv_state()["policy"] == "ems10"
