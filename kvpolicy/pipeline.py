@@ -41,6 +41,27 @@ REFERENCE = Backend("reference", attention.accumulated_attention, attention.wind
                     select.pick, merge.classify, merge.scatter)
 
 
+def triton_backend() -> Backend:
+    """The Triton stages (``kvpolicy.kernels``), same signatures as the reference."""
+    from kvpolicy.kernels import attention as k_attention
+    from kvpolicy.kernels import merge as k_merge
+    from kvpolicy.kernels import select as k_select
+
+    return Backend("triton", k_attention.accumulated_attention, k_attention.window_attention,
+                   k_select.pick, k_merge.classify, k_merge.scatter)
+
+
+def backend_for(device: torch.device) -> Backend:
+    """Triton for CUDA tensors when Triton compiles there, the reference
+    otherwise (the CPU runs kernels only interpreted, in their tests)."""
+    if device.type == "cuda":
+        from kvpolicy.kernels import available
+
+        if available(str(device)) == "compiled":
+            return triton_backend()
+    return REFERENCE
+
+
 @dataclass
 class CompressedLayer:
     """One layer's compressed KV, per KV head.
@@ -79,7 +100,7 @@ class Pipeline:
     policy: ir.Policy
     plan: Plan
     retrieval: dict[ir.RetrievalHeads, list[tuple[int, ...]]]  # per layer voting query heads
-    backend: Backend = REFERENCE
+    backend: Backend | None = None  # None: chosen per call by the tensors' device (backend_for)
 
     @property
     def window(self) -> int:
@@ -94,7 +115,8 @@ class Pipeline:
     def capture(self, queries: Tensor, keys: Tensor, values: Tensor) -> LayerInputs:
         """The inputs of one layer from its full prompt queries ``[H, N, d]``."""
         n_rep = self.plan.shape.group_size
-        acc = self.backend.accumulated_attention(queries, keys, n_rep) if self.needs_accumulated else None
+        backend = self.backend or backend_for(keys.device)
+        acc = backend.accumulated_attention(queries, keys, n_rep) if self.needs_accumulated else None
         w = min(self.window, queries.shape[1])
         return LayerInputs(keys, values, queries[:, queries.shape[1] - w:] if w else None, acc)
 
@@ -113,23 +135,24 @@ class Pipeline:
             pos = torch.arange(N, device=device).expand(H_kv, N).contiguous()
             zeros = torch.zeros(H_kv, dtype=torch.long, device=device)
             return CompressedLayer(keys, values, pos, torch.full((H_kv,), N, device=device), zeros, zeros)
+        backend = self.backend or backend_for(device)
         protected = select.protected_mask(N, self.policy.protect, device)
         candidates = ~protected
         ctx = ScoreContext(inputs, self.plan.shape.group_size, candidates,
                            {h: per_layer[layer] for h, per_layer in self.retrieval.items()},
-                           self.backend.window_attention)
+                           backend.window_attention)
         score = evaluate_all(self.policy, ctx)[sel.keep.score]
         c = B - int(protected.sum())
-        picks = self.backend.pick(sel, score, candidates, c)
+        picks = backend.pick(sel, score, candidates, c)
         centres = picks.mask(N)
         kept = centres | protected[None, :]
-        classes = self.backend.classify(keys, values, score, kept, centres, sel.merge, protected)
-        k, v = self.backend.scatter(keys, values, classes)
+        classes = backend.classify(keys, values, score, kept, centres, sel.merge, protected)
+        k, v = backend.scatter(keys, values, classes)
         return CompressedLayer(k, v, classes.kept_positions, kept.sum(dim=1), classes.merged, classes.evicted)
 
 
 def compile_pipeline(policy: ir.Policy, shape: ModelShape, prompt_len: int, *,
-                     base_dir: Path | None = None, backend: Backend = REFERENCE) -> Pipeline:
+                     base_dir: Path | None = None, backend: Backend | None = None) -> Pipeline:
     """Plan ``policy`` for a model and prompt length; resolve its artifacts."""
     pl = plan(policy, shape, prompt_len, base_dir=base_dir)
     retrieval = {}

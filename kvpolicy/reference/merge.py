@@ -86,7 +86,9 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
         centre_vec = target.gather(1, centre_pos.clamp_max(N - 1)[..., None].expand(H, C, target.shape[-1]))
         sim = _similarity(target, centre_vec, merge.metric).masked_fill(~valid_centre[:, None, :], float("-inf"))
         best_sim, best = sim.max(dim=-1)  # [H, N]
-        passes = best_sim < -merge.threshold if merge.metric == "l2" else best_sim > merge.threshold
+        # l2 similarity is the negated distance: distance < t  <=>  -distance > -t.
+        # A head without centres has best_sim = -inf and merges nothing.
+        passes = best_sim > (-merge.threshold if merge.metric == "l2" else merge.threshold)
         eligible = ~kept & ~protected[None, :] & passes
         if merge.cover is not None:
             eligible &= _within_cover(scores, kept, protected, merge.cover)

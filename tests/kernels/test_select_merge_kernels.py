@@ -243,9 +243,6 @@ def test_l2_merges_tokens_closer_than_the_threshold():
     assert int(got.merged[2]) == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="reference merge.classify merges l2 distances *above* the threshold "
-                   "(best_sim < -t on negated distances) and lets a head without centres merge; "
-                   "remove this mark when the reference is fixed")
 def test_l2_agrees_with_the_reference():
     keys, values, scores, kept, centres, protected = clustered(2, 60, 64, torch.float32, seed=6, spread=0.0)
     merge = ir.MergeSimilar(metric="l2", threshold=4.0)
@@ -306,3 +303,33 @@ def test_scatter_merges_direction_and_norm_separately():
 def classes_to(classes, device):
     return rmerge.Classes(*(getattr(classes, f).to(device) for f in
                             ("class_id", "weight", "kept_positions", "merged", "evicted")))
+
+
+def test_pipeline_picks_triton_for_cuda_and_the_reference_on_the_cpu():
+    """The compiler's choice of stages: the reference for CPU tensors (where
+    Triton only runs interpreted), Triton for CUDA tensors; and the Triton
+    backend, forced on the CPU under the interpreter, compresses like the
+    reference."""
+    from kvpolicy.budgets import ModelShape
+    from kvpolicy.compiler import referenced_terms
+    from kvpolicy.pipeline import REFERENCE, backend_for, compile_pipeline, triton_backend
+    from kvpolicy.reference.scores import LayerInputs
+    from kvpolicy.registry import load
+
+    assert backend_for(torch.device("cpu")) is REFERENCE
+    if torch.cuda.is_available():
+        assert backend_for(torch.device("cuda")).name == "triton"
+    torch.manual_seed(3)
+    shape = ModelShape(2, 2, 4)
+    N = 150
+    inputs = LayerInputs(torch.randn(2, N, 64).to(DEVICE), torch.randn(2, N, 64).to(DEVICE),
+                         torch.randn(4, 32, 64).to(DEVICE), None)
+    for name in ("snapkv", "ems", "streamingllm"):
+        policy = load(name).with_budget(48)
+        if any(isinstance(t, ir.GlobalAttention) for t in referenced_terms(policy)):
+            inputs.accumulated = torch.rand(4, N).to(DEVICE)
+        ref = compile_pipeline(policy, shape, N, backend=REFERENCE).compress(0, inputs)
+        tri = compile_pipeline(policy, shape, N, backend=triton_backend()).compress(0, inputs)
+        assert torch.equal(ref.positions.cpu(), tri.positions.cpu()), name
+        torch.testing.assert_close(tri.keys.cpu(), ref.keys.cpu(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tri.values.cpu(), ref.values.cpu(), rtol=1e-5, atol=1e-5)
