@@ -1,8 +1,8 @@
 """Real SGLang servers on loopback, with the embedded default model.
 
 Two servers for the whole session: one without ``--kv-policy`` (the
-reference outputs) and one with EMS at 10% (per-request ``custom_params``
-pick other shipped policies on it). Each starts in about a minute on a 2-core
+reference outputs) and one with EMS at 10% and chunked prefill
+(per-request ``custom_params`` pick other shipped policies on it). Each starts in about a minute on a 2-core
 CPU. If SGLang is missing, these tests fail with the reason: ``make test``
 installs it.
 """
@@ -43,6 +43,9 @@ def ems_server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ems")
     policy = tmp / "ems10.kvp"
     policy.write_text(EMS_10)
-    server = srv.start(model_dir, tmp / "server.log", policy=str(policy), extra=SERVER_FLAGS)
+    # chunks of 1024: the 1.5k-2k-token prompts below are prefilled in two
+    # chunks, so capture across chunks is what these tests exercise
+    server = srv.start(model_dir, tmp / "server.log", policy=str(policy),
+                       extra=SERVER_FLAGS + ["--chunked-prefill-size", "1024"])
     yield server
     server.stop()

@@ -98,7 +98,9 @@ def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
     # the uncompressed prompt stayed in the radix tree as evictable, exact cache
     assert record["slots_released_to_tree"] + record["slots_freed"] == N
     assert state["evictable_slots"] >= N - 1
-    assert f"prompt={N} kept={B} slots" in ems_server.log()
+    log = ems_server.log()
+    assert f"prompt={N} kept={B} slots" in log
+    assert "#new-token: 1024, #cached-token: 0" in log  # its prefill came in chunks
 
     idle = wait_idle(ems_server)
     assert idle["running"] == {} and pool_held(idle) == 0
