@@ -51,6 +51,7 @@ import torch
 
 from kvpolicy import ir
 from kvpolicy.budgets import ModelShape
+from kvpolicy.errors import PolicyError
 from kvpolicy.pipeline import Pipeline, compile_pipeline
 from kvpolicy.reference.attention import accumulated_attention
 from kvpolicy.reference.scores import LayerInputs
@@ -94,6 +95,7 @@ class Runtime:
         self.policy = policy
         self.shape: ModelShape | None = None
         self.pools = None  # (req_to_token_pool, token_to_kv_pool) of the model runner
+        self._unplannable: set[tuple[str, int]] = set()
         self.captures: dict[str, Capture] = {}
         self.offsets: dict[str, int] = {}  # rid -> N - B for compressed, running requests
         self.records: dict[str, Record] = {}  # compressed, still running
@@ -127,7 +129,14 @@ class Runtime:
         policy keeps every token (no selection, or a budget >= the prompt)."""
         if policy.selection is None or self.shape is None:
             return None
-        pipe = compile_pipeline(policy, self.shape, prompt_len)
+        try:
+            pipe = compile_pipeline(policy, self.shape, prompt_len)
+        except PolicyError as exc:  # e.g. a budget below the window at this prompt length
+            if (policy.name, prompt_len) not in self._unplannable:
+                self._unplannable.add((policy.name, prompt_len))
+                log.warning("kvpolicy: a %d-token prompt is not compressed by '%s': %s", prompt_len,
+                            policy.name, exc.message if hasattr(exc, "message") else exc)
+            return None
         budgets = set(pipe.plan.layer_budgets)
         if len(budgets) != 1:  # refused at launch; never approximated here
             raise RuntimeError(f"kvpolicy: layer budgets {sorted(budgets)} are not uniform")

@@ -278,3 +278,15 @@ def test_the_launch_policy_is_the_one_served(ems_server):
     assert ems_server.args[-2:] == ["--kv-policy", ems_server.args[-1]]
     assert open(ems_server.args[-1]).read() == EMS_10
     assert ems_server.kv_state()["policy"] == "ems10"
+
+
+def test_a_prompt_the_policy_cannot_plan_is_served_uncompressed():
+    """A budget below the observation window at some prompt length is a plan
+    error in ``kvpolicy explain``; in the server that request keeps its exact
+    KV (logged), and the scheduler carries on."""
+    from kvpolicy.sglang_ext.runtime import Runtime
+
+    rt = Runtime(load("snapkv").with_keep(recent=0).with_budget("1%"))
+    rt.shape = DEFAULT_MODEL
+    assert rt.compresses(rt.policy, 1000) is None  # 1% of 1000 = 10 < window 32
+    assert rt.compresses(rt.policy, 10000) is not None
