@@ -138,8 +138,10 @@ class Runtime:
                             policy.name, exc.message if hasattr(exc, "message") else exc)
             return None
         budgets = set(pipe.plan.layer_budgets)
-        if len(budgets) != 1:  # refused at launch; never approximated here
-            raise RuntimeError(f"kvpolicy: layer budgets {sorted(budgets)} are not uniform")
+        if len(budgets) != 1:  # refused at launch and per request; never approximated here
+            log.error("kvpolicy: '%s' gives layers budgets %s; the request keeps its exact KV",
+                      policy.name, sorted(budgets))
+            return None
         return pipe if budgets.pop() < prompt_len else None
 
     # -- 1. capture ----------------------------------------------------------------
