@@ -113,7 +113,7 @@ def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
     running = [int(m) for m in re.findall(r"Decode batch, #running-req: (\d+)", log)]
     return {
         "label": label,
-        "policy": policy,
+        "policy": Path(policy).name if policy else None,
         "requests": len(results),
         "completed": sum(len(r["tokens"]) == args.max_tokens for r in results),
         "peak_decoding_together": peak_overlap(spans),
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
           f"{ratios['wall_s']:>8.2f}")
     out = args.out or RESULTS / f"serve_{model_name(model) or 'model'}_{args.max_total_tokens}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "policy_text": policy.to_kvp(),
+    shown = str(out.relative_to(ROOT.parent)) if out.is_relative_to(ROOT.parent) else out.name
+    out.write_text(json.dumps({"args": vars(args) | {"out": shown}, "policy_text": policy.to_kvp(),
                                "rows": rows, "ratios": ratios}, indent=2, default=str))
     print(f"wrote {out}")
     return 0
