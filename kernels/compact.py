@@ -32,32 +32,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kvpolicy.kernels._launch import jit as _jit, require_triton as _require_triton, tl, triton
 from kvpolicy.reference.compact import check_shapes
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # importing works without Triton; calling a kernel says why it cannot
-    triton = tl = None
-    _NO_TRITON: ImportError | None = exc
-else:
-    _NO_TRITON = None
-
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-def _require_triton(x: Tensor, kernel) -> None:
-    """Triton is importable and ``kernel`` can run on ``x``'s device."""
-    if triton is None:
-        raise ImportError(f"kvpolicy.kernels needs Triton: pip install 'kvpolicy[triton]' ({_NO_TRITON})") \
-            from _NO_TRITON
-    if x.device.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(f"Triton kernels run compiled on CUDA tensors only; for {x.device.type} tensors set "
-                           "TRITON_INTERPRET=1 before triton is first imported (Triton's interpreter)")
 
 
 def _bits(x: Tensor) -> Tensor:

@@ -33,12 +33,8 @@ than the kept token itself: usually a small share of ``N``) into fp32 sums;
 Float atomics make the summation order, hence the last bits, vary: results
 equal the reference within fp32 rounding, not bit for bit.
 
-One departure from the reference, which has a bug for ``l2`` (reported to the
-lead, ``reference/merge.py`` is not ours to edit): it merges when the distance
-is *above* the threshold (``-dist < -t``), and a head without centres merges
-its tokens into a neighbour's slot. Here ``l2`` merges at distance below the
-threshold, as :class:`kvpolicy.ir.MergeSimilar` documents, and a head without
-centres merges nothing.
+``l2`` merges at a distance below the threshold and a head without centres
+merges nothing, as in the reference and :class:`kvpolicy.ir.MergeSimilar`.
 """
 
 from __future__ import annotations
@@ -47,42 +43,14 @@ import torch
 from torch import Tensor
 
 from kvpolicy import ir
+from kvpolicy.kernels._launch import jit as _jit, require_triton as _require_triton, tl, triton
 from kvpolicy.reference import merge as reference
-from kvpolicy.reference.merge import WEIGHT_FLOOR, Classes
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # importing works without Triton; calling a kernel says why it cannot
-    triton = tl = None
-    _NO_TRITON: ImportError | None = exc
-else:
-    _NO_TRITON = None
+from kvpolicy.reference.merge import Classes
 
 BLOCK_TOKENS = 32  # tokens per program (classify, accumulate)
 BLOCK_CENTRES = 32  # centres per tl.dot tile
 BLOCK_SLOTS = 16  # slots per program (finalize)
 METRICS = {"cosine": 0, "dot": 1, "l2": 2}
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-# Loops over a runtime length are ``while`` loops: Triton 3.6's interpreter
-# cannot take ``range()`` of a runtime scalar under NumPy >= 2.4 (it calls
-# ``int()`` on a 1-element array; triton-lang/triton#9171), and the CPU tests
-# run interpreted.
-
-
-def _require_triton(x: Tensor, kernel) -> None:
-    """Triton is importable and ``kernel`` can run on ``x``'s device."""
-    if triton is None:
-        raise ImportError(f"kvpolicy.kernels needs Triton: pip install 'kvpolicy[triton]' ({_NO_TRITON})") \
-            from _NO_TRITON
-    if x.device.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(f"Triton kernels run compiled on CUDA tensors only; for {x.device.type} tensors set "
-                           "TRITON_INTERPRET=1 before triton is first imported (Triton's interpreter)")
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
@@ -103,13 +71,7 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
     ``kept``, ``centres`` ``[H_kv, N]``, ``protected`` ``[N]``."""
     _require_triton(keys, _assign_kernel)
     H, N = kept.shape
-    device = keys.device
-    K = int(kept.sum(dim=1).max()) if H else 0
-    slot_of = kept.long().cumsum(dim=1) * kept  # 1..K at kept tokens, 0 elsewhere
-    rows, cols = kept.nonzero(as_tuple=True)
-    kept_positions = torch.full((H, K), -1, dtype=torch.long, device=device)
-    kept_positions[rows, slot_of[rows, cols] - 1] = cols
-
+    slot_of, kept_positions = reference.kept_slots(kept)
     class_id = slot_of.clone()
     if merge is not None and centres.any():
         may = ~kept & ~protected[None, :]
@@ -123,15 +85,7 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
                              may.to(torch.uint8).contiguous(), class_id, N, centre_pos.shape[1], d,
                              float(merge.threshold), METRIC=METRICS[merge.metric],
                              BLOCK_N=BLOCK_TOKENS, BLOCK_C=BLOCK_CENTRES, BLOCK_D=_block_d(d))
-    merged = ((class_id > 0) & ~kept).sum(dim=1)
-
-    if merge is not None and merge.weight == "uniform":
-        weight = torch.ones(H, N, dtype=torch.float32, device=device)
-    else:
-        weight = scores.float().clamp_min(0) + WEIGHT_FLOOR
-    weight = weight * (class_id > 0)
-    evicted = (class_id == 0).sum(dim=1)
-    return Classes(class_id, weight, kept_positions, merged, evicted)
+    return reference.classes_from_ids(class_id, kept, kept_positions, scores, merge)
 
 
 def _centre_table(centres: Tensor, slot_of: Tensor) -> tuple[Tensor, Tensor]:

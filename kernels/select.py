@@ -39,40 +39,12 @@ import torch
 from torch import Tensor
 
 from kvpolicy import ir
+from kvpolicy.kernels._launch import jit as _jit, require_triton as _require_triton, tl, triton
 from kvpolicy.reference import select as reference
 from kvpolicy.reference.select import Picks
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # importing works without Triton; calling a kernel says why it cannot
-    triton = tl = None
-    _NO_TRITON: ImportError | None = exc
-else:
-    _NO_TRITON = None
-
 BLOCK_N = 1024  # tokens per step of the threshold search
 BLOCK_ORDER = 64  # picks per side of the order kernel's comparison tile
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-# Loops over a runtime length are ``while`` loops: Triton 3.6's interpreter
-# cannot take ``range()`` of a runtime scalar under NumPy >= 2.4 (it calls
-# ``int()`` on a 1-element array; triton-lang/triton#9171), and the CPU tests
-# run interpreted.
-
-
-def _require_triton(x: Tensor, kernel) -> None:
-    """Triton is importable and ``kernel`` can run on ``x``'s device."""
-    if triton is None:
-        raise ImportError(f"kvpolicy.kernels needs Triton: pip install 'kvpolicy[triton]' ({_NO_TRITON})") \
-            from _NO_TRITON
-    if x.device.type != "cuda" and type(kernel).__name__ != "InterpretedFunction":
-        raise RuntimeError(f"Triton kernels run compiled on CUDA tensors only; for {x.device.type} tensors set "
-                           "TRITON_INTERPRET=1 before triton is first imported (Triton's interpreter)")
 
 
 def pick(selection: ir.Selection, scores: Tensor, candidates: Tensor, c: int) -> Picks:

@@ -67,18 +67,10 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
     """``kept``/``centres`` ``[H_kv, N]`` bool masks (centres are a subset of
     kept); ``protected`` ``[N]``. Returns every token's class."""
     H, N = kept.shape
-    device = keys.device
-    counts = kept.sum(dim=1)
-    K = int(counts.max()) if H else 0
-    slot_of = kept.long().cumsum(dim=1) * kept  # 1..K at kept tokens, 0 elsewhere
-    kept_positions = torch.full((H, K), -1, dtype=torch.long, device=device)
-    rows = torch.arange(H, device=device)[:, None].expand(H, N)
-    cols = torch.arange(N, device=device)[None, :].expand(H, N)
-    kept_positions[rows[kept], slot_of[kept] - 1] = cols[kept]
-
+    slot_of, kept_positions = kept_slots(kept)
     class_id = slot_of.clone()
-    merged = torch.zeros(H, dtype=torch.long, device=device)
     if merge is not None and centres.any():
+        cols = torch.arange(N, device=keys.device)[None, :].expand(H, N)
         target = keys if merge.target == "keys" else values
         C = int(centres.sum(dim=1).max())
         centre_pos = torch.sort(torch.where(centres, cols, N), dim=1).values[:, :C]  # padded with N
@@ -94,13 +86,32 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
             eligible &= _within_cover(scores, kept, protected, merge.cover)
         best_pos = centre_pos.gather(1, best)
         class_id = torch.where(eligible, slot_of.gather(1, best_pos.clamp_max(N - 1)), class_id)
-        merged = eligible.sum(dim=1)
+    return classes_from_ids(class_id, kept, kept_positions, scores, merge)
 
+
+def kept_slots(kept: Tensor) -> tuple[Tensor, Tensor]:
+    """Slot numbering of the kept tokens, in position order: ``slot_of [H, N]``
+    (``1..K`` at kept tokens, ``0`` elsewhere) and ``kept_positions [H, K]``
+    (``-1`` past a head's count)."""
+    H = kept.shape[0]
+    K = int(kept.sum(dim=1).max()) if H else 0
+    slot_of = kept.long().cumsum(dim=1) * kept
+    rows, cols = kept.nonzero(as_tuple=True)
+    kept_positions = torch.full((H, K), -1, dtype=torch.long, device=kept.device)
+    kept_positions[rows, slot_of[rows, cols] - 1] = cols
+    return slot_of, kept_positions
+
+
+def classes_from_ids(class_id: Tensor, kept: Tensor, kept_positions: Tensor, scores: Tensor,
+            merge: ir.MergeSimilar | None) -> Classes:
+    """:class:`Classes` from every token's class id: the scatter weights, and
+    the merged (folded into a centre) and evicted counts per head."""
     if merge is not None and merge.weight == "uniform":
-        weight = torch.ones(H, N, dtype=torch.float32, device=device)
+        weight = torch.ones(class_id.shape, dtype=torch.float32, device=class_id.device)
     else:
         weight = scores.float().clamp_min(0) + WEIGHT_FLOOR
     weight = weight * (class_id > 0)
+    merged = ((class_id > 0) & ~kept).sum(dim=1)
     evicted = (class_id == 0).sum(dim=1)
     return Classes(class_id, weight, kept_positions, merged, evicted)
 
