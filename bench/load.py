@@ -27,14 +27,9 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def held(state: dict) -> int:
-    return state["max_total_num_tokens"] - state["available_slots"] - state["evictable_slots"] - state["protected_slots"]
 
 
 class Stats:
@@ -53,20 +48,15 @@ class Stats:
                 self.errors.append(error)
 
 
-def one_request(url: str, ids: list[int], max_tokens: int, hang_up: bool, stats: Stats, timeout: float):
-    body = {"model": "default", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
+def one_request(server, ids: list[int], max_tokens: int, hang_up: bool, stats: Stats, timeout: float):
     stats.add("sent")
     t0 = time.monotonic()
     chunks = 0
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as reply:
-            for raw in reply:
-                if raw.startswith(b"data:") and not raw.startswith(b"data: [DONE]"):
-                    chunks += 1
-                    if hang_up and chunks >= 2:
-                        break
+        for _ in server.completion_chunks(ids, max_tokens, timeout=timeout):
+            chunks += 1
+            if hang_up and chunks >= 2:
+                break
         stats.add("aborted" if hang_up and chunks >= 2 else "completed",
                   None if hang_up else time.monotonic() - t0)
     except urllib.error.HTTPError as exc:
@@ -104,6 +94,7 @@ def main(argv=None) -> int:
     from kvpolicy.haystack import haystack_text
     from kvpolicy.models import resolve_model
     from kvpolicy.sglang_ext import server as srv
+    from kvpolicy.sglang_ext.server import held_slots
 
     if args.url and not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         ap.error("--url must be a loopback address")
@@ -111,14 +102,11 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model)
     hay = tok.encode(haystack_text(), add_special_tokens=False)
 
-    server = None
     if args.start:
         server = srv.start(model, RESULTS / "logs" / "load_server.log", policy=args.policy,
                            extra=args.server_flags.split())
-        url = server.url
     else:
-        url = args.url
-        server = srv.Server(int(url.rsplit(":", 1)[1].split("/")[0]), None, Path("/dev/null"))
+        server = srv.Server(int(args.url.rsplit(":", 1)[1].split("/")[0]), None, Path("/dev/null"))
     try:
         server.flush_cache()
         start_state = server.kv_state()
@@ -137,7 +125,7 @@ def main(argv=None) -> int:
                 text = tok.decode(hay[start:start + length]) + f"\n\nRequest {n}: summarise."
                 ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                          add_generation_prompt=True), add_special_tokens=False)
-                one_request(url, ids, rng.choice([1, 16, 128]), n % args.abort_every == args.abort_every - 1,
+                one_request(server, ids, rng.choice([1, 16, 128]), n % args.abort_every == args.abort_every - 1,
                             stats, args.timeout)
 
         t0 = time.monotonic()
@@ -149,12 +137,7 @@ def main(argv=None) -> int:
         elapsed = time.monotonic() - t0
 
         # wait for the server to finish what clients abandoned, then check the pool
-        end_state = server.kv_state()
-        for _ in range(240):
-            if not end_state.get("running") and held(end_state) == 0:
-                break
-            time.sleep(0.5)
-            end_state = server.kv_state()
+        end_state = server.wait_idle(timeout=120)
         server.flush_cache()
         time.sleep(1)
         flushed = server.kv_state()
@@ -172,9 +155,9 @@ def main(argv=None) -> int:
         "latency_p99_s": percentile(stats.latencies, 0.99),
         "slots": {"free_at_start": start_state["available_slots"], "free_at_end": end_state["available_slots"],
                   "cached_at_end": end_state["evictable_slots"] + end_state["protected_slots"],
-                  "held_at_end": held(end_state), "free_after_flush": flushed["available_slots"],
+                  "held_at_end": held_slots(end_state), "free_after_flush": flushed["available_slots"],
                   "max_total": flushed["max_total_num_tokens"]},
-        "leak_free": held(end_state) == 0 and flushed["available_slots"] == start_state["available_slots"],
+        "leak_free": held_slots(end_state) == 0 and flushed["available_slots"] == start_state["available_slots"],
         "server_answers_after": alive,
         "kvpolicy_totals": flushed.get("totals"),
         "errors": stats.errors,

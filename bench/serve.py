@@ -32,7 +32,6 @@ import re
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -53,19 +52,11 @@ def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     return out
 
 
-def stream(url: str, ids: list[int], max_tokens: int, extra: dict) -> dict:
-    body = {"model": "default", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, **extra}
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    times = []
+def stream(server, ids: list[int], max_tokens: int) -> dict:
+    """One streamed request: when it was sent and when each token arrived."""
     sent = time.monotonic()
-    with urllib.request.urlopen(req, timeout=3600) as reply:
-        for raw in reply:
-            line = raw.decode().strip()
-            if line.startswith("data:") and line != "data: [DONE]":
-                if json.loads(line[5:])["choices"][0].get("text"):
-                    times.append(time.monotonic())
+    times = [time.monotonic() for chunk in server.completion_chunks(ids, max_tokens, timeout=3600, ignore_eos=True)
+             if chunk["choices"][0].get("text")]
     return {"sent": sent, "tokens": times}
 
 
@@ -87,10 +78,9 @@ def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
     server = srv.start(model, log_dir / f"{label}.log", policy=policy, extra=flags)
     try:
         results = [None] * len(tokenizer_prompts)
-        extra = {}
 
         def one(i):
-            results[i] = stream(server.url, tokenizer_prompts[i], args.max_tokens, extra)
+            results[i] = stream(server, tokenizer_prompts[i], args.max_tokens)
 
         t0 = time.monotonic()
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(tokenizer_prompts))]

@@ -95,9 +95,8 @@ class Runtime:
         self.policy = policy
         self.shape: ModelShape | None = None
         self.pools = None  # (req_to_token_pool, token_to_kv_pool) of the model runner
-        self._unplannable: set[tuple[str, int]] = set()
+        self._pipelines: dict[tuple[ir.Policy, int], Pipeline | None] = {}
         self.captures: dict[str, Capture] = {}
-        self.offsets: dict[str, int] = {}  # rid -> N - B for compressed, running requests
         self.records: dict[str, Record] = {}  # compressed, still running
         self.rows: list[Capture | None] | None = None  # the current prefill forward's rows
         self.forward_batch: tuple | None = None  # the current prefill forward's key
@@ -110,14 +109,9 @@ class Runtime:
         """The model's shape and the pools the capture reads keys from."""
         if self.shape is None:
             self.pools = (model_runner.req_to_token_pool, model_runner.token_to_kv_pool)
-            self.model_shape(model_runner.model_config)
-
-    def model_shape(self, model_config) -> ModelShape:
-        if self.shape is None:
-            hf = model_config.hf_text_config
+            hf = model_runner.model_config.hf_text_config
             self.shape = ModelShape(hf.num_hidden_layers, hf.num_key_value_heads or hf.num_attention_heads,
                                     hf.num_attention_heads, name=getattr(hf, "_name_or_path", None))
-        return self.shape
 
     def policy_for(self, req) -> ir.Policy:
         """The server's policy, or the one the request's ``custom_params``
@@ -126,16 +120,23 @@ class Runtime:
 
     def compresses(self, policy: ir.Policy, prompt_len: int) -> Pipeline | None:
         """The pipeline for a prompt of this length, or ``None`` when the
-        policy keeps every token (no selection, or a budget >= the prompt)."""
+        policy keeps every token (no selection, or a budget >= the prompt).
+        Cached: the scheduler asks (through :meth:`prefix_limit`) for every
+        waiting request on every scheduling pass."""
         if policy.selection is None or self.shape is None:
             return None
+        key = (policy, prompt_len)
+        if key not in self._pipelines:
+            if len(self._pipelines) >= 4096:
+                self._pipelines.clear()
+            self._pipelines[key] = self._plan(policy, prompt_len)
+        return self._pipelines[key]
+
+    def _plan(self, policy: ir.Policy, prompt_len: int) -> Pipeline | None:
         try:
             pipe = compile_pipeline(policy, self.shape, prompt_len)
-        except PolicyError as exc:  # e.g. a budget below the window at this prompt length
-            if (policy.name, prompt_len) not in self._unplannable:
-                self._unplannable.add((policy.name, prompt_len))
-                log.warning("kvpolicy: a %d-token prompt is not compressed by '%s': %s", prompt_len,
-                            policy.name, exc.message if hasattr(exc, "message") else exc)
+        except PolicyError as exc:  # e.g. a budget below the window at this prompt length (logged once: cached)
+            log.warning("kvpolicy: a %d-token prompt is not compressed by '%s': %s", prompt_len, policy.name, exc)
             return None
         budgets = set(pipe.plan.layer_budgets)
         if len(budgets) != 1:  # refused at launch and per request; never approximated here
@@ -200,7 +201,7 @@ class Runtime:
         while len(cap.queries) <= lid:
             cap.queries.append(None)
             cap.accumulated.append(None)
-        if cap.first_query is None or lid == 0 and n_pre < cap.first_query:
+        if cap.first_query is None:  # chunks arrive in order: the first sets it
             cap.first_query = n_pre
         if pipe.window:
             prev = cap.queries[lid]
@@ -254,14 +255,11 @@ class Runtime:
         if req.kv.kv_committed_len != N or req.kv.kv_allocated_len != N:
             raise _NotCompressed(f"it holds {req.kv.kv_committed_len} committed / "
                                f"{req.kv.kv_allocated_len} allocated slots, expected the prompt's {N}")
-        missing = [lid for lid in range(self.shape.num_layers)
-                   if lid >= len(cap.queries) or (cap.pipeline.window and cap.queries[lid] is None)]
-        if missing:
-            raise _NotCompressed(f"no capture for layers {missing[:5]}")
-        short = [lid for lid in range(self.shape.num_layers)
-                 if cap.pipeline.window and cap.queries[lid].shape[1] < cap.pipeline.window]
-        if short:
-            raise _NotCompressed(f"fewer than {cap.pipeline.window} window queries were computed")
+        if len(cap.queries) < self.shape.num_layers:
+            raise _NotCompressed(f"only {len(cap.queries)} of {self.shape.num_layers} layers were captured")
+        W = cap.pipeline.window
+        if W and min(q.shape[1] for q in cap.queries) < W:
+            raise _NotCompressed(f"fewer than {W} window queries were computed")
         B = cap.pipeline.plan.layer_budgets[0]
         old = req_to_token[row, :N].to(torch.long).clone()
         queries_seen = N - (cap.first_query or 0)
@@ -305,7 +303,6 @@ class Runtime:
         batch.seq_lens_sum = None
 
         rec = Record(req.rid, cap.policy.name, N, B, int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
-        self.offsets[req.rid] = N - B
         self.records[req.rid] = rec
         for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
                            ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):
@@ -329,9 +326,9 @@ class Runtime:
 
     def shift_positions(self, batch, forward_batch) -> None:
         """Decode positions: SGLang's ``seq_len - 1`` plus ``N - B``."""
-        if not self.offsets or not forward_batch.forward_mode.is_decode():
+        if not self.records or not forward_batch.forward_mode.is_decode():
             return
-        shift = [self.offsets.get(req.rid, 0) for req in batch.reqs]
+        shift = [rec.position_offset if (rec := self.records.get(req.rid)) else 0 for req in batch.reqs]
         if any(shift):
             pos = forward_batch.positions
             forward_batch.positions = pos + torch.tensor(shift, dtype=pos.dtype, device=pos.device)
@@ -343,7 +340,6 @@ class Runtime:
         compressed state is gone; a retracted request is prefilled and
         compressed again from scratch."""
         self.captures.pop(rid, None)
-        self.offsets.pop(rid, None)
         self.records.pop(rid, None)
 
     def state(self, allocator, tree) -> dict:

@@ -30,6 +30,12 @@ class ServerError(RuntimeError):
     pass
 
 
+def held_slots(state: dict) -> int:
+    """Slots of a :meth:`Server.kv_state` that are neither free nor cached by
+    the radix tree: the ones requests hold."""
+    return state["max_total_num_tokens"] - state["available_slots"] - state["evictable_slots"] - state["protected_slots"]
+
+
 @dataclass
 class Server:
     """A running server: ``port``, its process and its log file."""
@@ -77,6 +83,29 @@ class Server:
 
     def flush_cache(self) -> None:
         self.request("/flush_cache", {})
+
+    def wait_idle(self, timeout: float = 120) -> dict:
+        """Poll :meth:`kv_state` until no request runs or holds a slot (or
+        ``timeout`` passes); return the last state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.kv_state()
+            if not state.get("running") and held_slots(state) == 0 or time.monotonic() > deadline:
+                return state
+            time.sleep(0.5)
+
+    def completion_chunks(self, prompt_ids: list[int], max_tokens: int, timeout: float = 600, **extra):
+        """Stream a greedy OpenAI ``/v1/completions``: yields each parsed
+        chunk; leaving the loop early hangs up (the server aborts the request)."""
+        body = {"model": "default", "prompt": list(prompt_ids), "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, **extra}
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as reply:
+            for raw in reply:
+                line = raw.decode().strip()
+                if line.startswith("data:") and line != "data: [DONE]":
+                    yield json.loads(line[5:])
 
     # -- lifetime --------------------------------------------------------------
 

@@ -3,11 +3,9 @@ pool, slots freed, radix cache on). Real servers, default model, CPU."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +17,7 @@ from kvpolicy.haystack import haystack_text
 from kvpolicy.pipeline import compile_pipeline
 from kvpolicy.registry import load
 from kvpolicy.sglang_ext import server as srv
+from kvpolicy.sglang_ext.server import held_slots
 
 from .conftest import EMS_10, SERVER_FLAGS
 
@@ -38,37 +37,13 @@ def hay(tokenizer, n: int, offset: int = 0) -> str:
     return tokenizer.decode(ids[offset:offset + n])
 
 
-def pool_held(state: dict) -> int:
-    """Slots neither free nor cached by the radix tree: held by requests."""
-    return state["max_total_num_tokens"] - state["available_slots"] - state["evictable_slots"] - state["protected_slots"]
-
-
-def wait_idle(server, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = server.kv_state()
-        if not state["running"] and pool_held(state) == 0 or time.monotonic() > deadline:
-            return state
-        time.sleep(0.5)
-
-
 def stream_completion(server, prompt_ids, max_tokens, on_chunk=None, **extra):
     """OpenAI ``/v1/completions`` with ``stream=True``; returns the text."""
-    body = {"model": "default", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            **extra}
-    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    text, n = [], 0
-    with urllib.request.urlopen(req, timeout=600) as reply:
-        for raw in reply:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            text.append(chunk["choices"][0].get("text") or "")
-            n += 1
-            if on_chunk is not None:
-                on_chunk(n)
+    text = []
+    for n, chunk in enumerate(server.completion_chunks(prompt_ids, max_tokens, **extra), start=1):
+        text.append(chunk["choices"][0].get("text") or "")
+        if on_chunk is not None:
+            on_chunk(n)
     return "".join(text)
 
 
@@ -94,7 +69,7 @@ def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
     assert record["prompt_tokens"] == N and record["slots_kept"] == B == round(0.1 * N)
     assert record["position_offset"] == N - B
     # the pool's own counters: what is neither free nor in the tree is this request's
-    assert B <= pool_held(state) <= B + 24 < N // 5
+    assert B <= held_slots(state) <= B + 24 < N // 5
     # the uncompressed prompt stayed in the radix tree as evictable, exact cache
     assert record["slots_released_to_tree"] + record["slots_freed"] == N
     assert state["evictable_slots"] >= N - 1
@@ -102,8 +77,8 @@ def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
     assert f"prompt={N} kept={B} slots" in log
     assert "#new-token: 1024, #cached-token: 0" in log  # its prefill came in chunks
 
-    idle = wait_idle(ems_server)
-    assert idle["running"] == {} and pool_held(idle) == 0
+    idle = ems_server.wait_idle()
+    assert idle["running"] == {} and held_slots(idle) == 0
 
 
 def test_full_policy_is_token_identical_to_a_server_without_policy(plain_server, ems_server, tokenizer):
@@ -153,8 +128,8 @@ def test_radix_prefix_stays_exact_after_a_compressed_request(plain_server, ems_s
 
 def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
     ems_server.flush_cache()
-    start = wait_idle(ems_server)
-    assert pool_held(start) == 0
+    start = ems_server.wait_idle()
+    assert held_slots(start) == 0
 
     lengths = [60, 150, 300, 600, 1200]
     policies = [None, {"kv_policy": "snapkv"}, {"kv_policy": "full"}, {"kv_policy": "streamingllm"},
@@ -195,10 +170,10 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
         list(pool.map(run, jobs))
     assert outcomes["ok"] >= 20, outcomes
 
-    end = wait_idle(ems_server)
-    assert end["running"] == {} and pool_held(end) == 0, end
+    end = ems_server.wait_idle()
+    assert end["running"] == {} and held_slots(end) == 0, end
     ems_server.flush_cache()
-    flushed = wait_idle(ems_server)
+    flushed = ems_server.wait_idle()
     assert flushed["available_slots"] == start["available_slots"] == flushed["max_total_num_tokens"]
     assert end["totals"]["requests_compressed"] > start["totals"]["requests_compressed"]
     # and the server still answers a fresh request correctly
