@@ -145,7 +145,7 @@ def _around_release(original, req, tree_cache, *args, **kwargs):
             # retracted: prefilled again later, from scratch, and then
             # compressed again; its KV is exact until then
             req.skip_radix_cache_insert = record.skip_radix_cache_insert
-        rt.forget(req.rid)
+        rt.release(req, tree_cache)
     return out
 
 

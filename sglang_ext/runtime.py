@@ -44,7 +44,9 @@ Choices made here, and why:
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +60,12 @@ from kvpolicy.reference.scores import LayerInputs
 from kvpolicy.sglang_ext.launch import request_policy
 
 log = logging.getLogger("kvpolicy")
+
+#: Set in the server's environment to check :meth:`Runtime.invariants` at every
+#: compression and every release of a compressed request (the tests do; each
+#: check walks the radix tree, so it is off by default).
+ENV_CHECK = "KVPOLICY_CHECK_INVARIANTS"
+EVENTS_KEPT = 1024  # the last events in ``/server_info``, for tests and the load harness
 
 
 @dataclass
@@ -100,8 +108,14 @@ class Runtime:
         self.records: dict[str, Record] = {}  # compressed, still running
         self.rows: list[Capture | None] | None = None  # the current prefill forward's rows
         self.forward_batch: tuple | None = None  # the current prefill forward's key
+        self.requests: dict[str, object] = {}  # rid -> SGLang Req, compressed and still running
         self.totals = {"requests_compressed": 0, "prompt_tokens": 0, "slots_kept": 0, "slots_freed": 0,
-                       "slots_released_to_tree": 0, "requests_not_compressed": 0}
+                       "slots_released_to_tree": 0, "requests_not_compressed": 0,
+                       "compressed_retracted": 0, "captures_dropped": 0, "invariant_violations": 0}
+        # what happened to each request, in order: capture / compressed /
+        # not_compressed / released (finished or retracted, compressed or mid-capture)
+        self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        self.check = os.environ.get(ENV_CHECK, "") not in ("", "0")
 
     # -- setup -----------------------------------------------------------------
 
@@ -165,6 +179,7 @@ class Runtime:
                 cap = Capture(req.rid, total, pipe, policy) if pipe is not None else None
                 if cap is not None:
                     self.captures[req.rid] = cap
+                    self._event(req.rid, "capture", prompt_tokens=total, policy=policy.name)
                 else:
                     self.captures.pop(req.rid, None)
             rows.append(cap)
@@ -230,7 +245,7 @@ class Runtime:
             if cap is None:
                 continue
             if req.finished() or req.is_retracted:
-                self.forget(req.rid)
+                self.release(req, None)
                 continue
             if req.inflight_middle_chunks > 0 or req.kv.kv_committed_len < cap.prompt_len:
                 continue  # a middle chunk: more prompt to come
@@ -239,10 +254,15 @@ class Runtime:
                 self._compress(processor, batch, i, req, cap)
             except _NotCompressed as exc:
                 self.totals["requests_not_compressed"] += 1
+                self._event(req.rid, "not_compressed", reason=str(exc))
                 log.warning("kvpolicy: rid=%s not compressed, it keeps its exact KV: %s", req.rid, exc)
-            except Exception:  # a bug of ours must not take the server down
+            except Exception as exc:  # a bug of ours must not take the server down
                 self.totals["requests_not_compressed"] += 1
+                self._event(req.rid, "not_compressed", reason=repr(exc))
                 log.exception("kvpolicy: rid=%s not compressed, it keeps its exact KV", req.rid)
+            else:
+                if self.check:
+                    self.verify(processor.tree_cache)
 
     def _compress(self, processor, batch, i: int, req, cap: Capture) -> None:
         t0 = time.perf_counter()
@@ -304,6 +324,8 @@ class Runtime:
 
         rec = Record(req.rid, cap.policy.name, N, B, int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
         self.records[req.rid] = rec
+        self.requests[req.rid] = req
+        self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, output_tokens=len(req.output_ids))
         for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
                            ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):
             self.totals[key] += value
@@ -335,12 +357,87 @@ class Runtime:
 
     # -- bookkeeping ---------------------------------------------------------------
 
-    def forget(self, rid: str) -> None:
-        """The request released its KV (finished, aborted or retracted): its
-        compressed state is gone; a retracted request is prefilled and
-        compressed again from scratch."""
-        self.captures.pop(rid, None)
-        self.records.pop(rid, None)
+    def release(self, req, tree) -> dict | None:
+        """The request gave its KV back (SGLang's ``release_kv_cache`` ran, or
+        its prefill ended finished): forget its capture or compressed state. A
+        request released unfinished was retracted under memory pressure: it
+        is prefilled again later, from scratch (prompt and the tokens it had
+        generated), and compressed again then; its record is never reused.
+        Returns the record it had, if it was compressed."""
+        rid = req.rid
+        capturing = self.captures.pop(rid, None) is not None
+        record = self.records.pop(rid, None)
+        self.requests.pop(rid, None)
+        if record is None and not capturing:
+            return None
+        finished = req.finished()
+        if record is not None and not finished:
+            self.totals["compressed_retracted"] += 1
+        if capturing:
+            self.totals["captures_dropped"] += 1
+        self._event(rid, "released", finished=finished, compressed=record is not None, capturing=capturing,
+                    output_tokens=len(req.output_ids))
+        if record is not None and tree is not None and self.check:
+            self.verify(tree)
+        return record
+
+    # -- invariants ----------------------------------------------------------------
+
+    def invariants(self, tree) -> dict:
+        """What must hold whenever the scheduler is between steps.
+
+        * ``tree_slots == evictable_slots + protected_slots``: the radix
+          tree's own accounting covers every slot it holds;
+        * ``compressed_slots_in_tree == 0``: no slot of a running compressed
+          request (its ``B`` kept tokens and the ones it decoded since) is
+          referenced by the tree, so the tree only ever holds exact KV;
+        * ``compressed_slots_shared == 0``: no two running compressed
+          requests (nor one twice) point at the same slot: each request's
+          compressed KV is its own.
+          (SGLang's allocator checks, ``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``
+          and ``SGLANG_CHECK_KV_PAGE_INVARIANTS``, cover free + cached + held
+          = total, double frees and use after free.)
+        """
+        tree_slots = tree.total_size() if hasattr(tree, "total_size") else 0  # 0: radix cache off
+        if isinstance(tree_slots, tuple):  # the unified radix cache: (full KV, auxiliary state)
+            tree_slots = tree_slots[0]
+        tree_slots = int(tree_slots)
+        compressed = self.compressed_slots(tree.req_to_token_pool)
+        in_tree = 0
+        if compressed.numel() and tree_slots and hasattr(tree, "all_values_flatten"):
+            in_tree = int(torch.isin(compressed, tree.all_values_flatten().to(compressed.device)).sum())
+        shared = int(compressed.numel() - torch.unique(compressed).numel())
+        return {"tree_slots": tree_slots, "tree_evictable_plus_protected": int(tree.evictable_size())
+                + int(tree.protected_size()), "compressed_slots": int(compressed.numel()),
+                "compressed_slots_in_tree": in_tree, "compressed_slots_shared": shared,
+                "captures_pending": len(self.captures)}
+
+    def compressed_slots(self, req_to_token_pool) -> torch.Tensor:
+        """Every slot the running compressed requests hold."""
+        table = req_to_token_pool.req_to_token
+        parts = [table[req.kv.req_pool_idx, :req.kv.kv_allocated_len].to(torch.long)
+                 for req in self.requests.values() if req.kv.req_pool_idx is not None]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    def _invariants_or_error(self, tree) -> dict:
+        try:
+            return self.invariants(tree)
+        except Exception as exc:  # reporting must never stop the scheduler
+            log.exception("kvpolicy: could not check the invariants")
+            return {"error": repr(exc)}
+
+    def verify(self, tree) -> None:
+        """:meth:`invariants`, logged as an error and counted if broken."""
+        inv = self._invariants_or_error(tree)
+        if "error" in inv or (inv["tree_slots"] != inv["tree_evictable_plus_protected"] or inv["compressed_slots_in_tree"]
+                or inv["compressed_slots_shared"]):
+            self.totals["invariant_violations"] += 1
+            log.error("kvpolicy: invariant broken: %s", inv)
+
+    # -- bookkeeping ---------------------------------------------------------------
+
+    def _event(self, rid: str, event: str, **detail) -> None:
+        self.events.append({"rid": rid, "event": event, **detail})
 
     def state(self, allocator, tree) -> dict:
         return {
@@ -350,6 +447,8 @@ class Runtime:
             "protected_slots": int(tree.protected_size()),
             "totals": dict(self.totals),
             "running": {rid: vars(r) for rid, r in self.records.items()},
+            "invariants": self._invariants_or_error(tree),
+            "events": list(self.events),
         }
 
 

@@ -36,6 +36,45 @@ def held_slots(state: dict) -> int:
     return state["max_total_num_tokens"] - state["available_slots"] - state["evictable_slots"] - state["protected_slots"]
 
 
+def invariant_problems(state: dict, *, idle: bool = False) -> list[str]:
+    """What is wrong with a :meth:`Server.kv_state` (empty: nothing): the
+    radix tree's accounting, compressed KV in the tree, violations the
+    server's own checks counted (``KVPOLICY_CHECK_INVARIANTS``); with
+    ``idle``, also any slot, record or capture a request still holds."""
+    inv, problems = state["invariants"], []
+    if "error" in inv:
+        return [f"the server could not check its invariants: {inv['error']}"]
+    if inv["tree_slots"] != inv["tree_evictable_plus_protected"]:
+        problems.append(f"the tree holds {inv['tree_slots']} slots but counts "
+                        f"{inv['tree_evictable_plus_protected']} evictable + protected")
+    if inv["compressed_slots_in_tree"]:
+        problems.append(f"{inv['compressed_slots_in_tree']} compressed slots are in the radix tree")
+    if inv["compressed_slots_shared"]:
+        problems.append(f"{inv['compressed_slots_shared']} slots are held by more than one compressed request")
+    if state["totals"]["invariant_violations"]:
+        problems.append(f"the server logged {state['totals']['invariant_violations']} invariant violations")
+    if idle:
+        if held_slots(state):
+            problems.append(f"{held_slots(state)} slots are still held")
+        if state["running"] or inv["captures_pending"] or state["protected_slots"]:
+            problems.append(f"still running: {sorted(state['running'])}, captures pending: "
+                            f"{inv['captures_pending']}, protected slots: {state['protected_slots']}")
+    return problems
+
+
+#: SGLang's own allocator checks, every scheduler step: free + cached + held
+#: = total (a leak stops the scheduler), no double free, no use after free;
+#: and kvpolicy's (:func:`invariant_problems`) at every compression and release.
+STRICT_CHECKS = {"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1", "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1",
+                 "KVPOLICY_CHECK_INVARIANTS": "1"}
+
+
+#: Admission reserves at most 32 tokens of each request's output (SGLang
+#: otherwise reserves up to 4096), so a small pool admits more than it can
+#: decode to the end: SGLang then evicts the radix tree and retracts.
+OVERCOMMIT = {"SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "32"}
+
+
 @dataclass
 class Server:
     """A running server: ``port``, its process and its log file."""
@@ -69,11 +108,35 @@ class Server:
         except json.JSONDecodeError:
             return {"message": raw.decode(errors="replace")}
 
-    def generate(self, input_ids: list[int], max_new_tokens: int = 16, **params) -> dict:
+    def generate(self, input_ids: list[int], max_new_tokens: int = 16, rid: str | None = None, **params) -> dict:
         """Greedy ``/generate`` on token ids; ``params`` go into the sampling
-        parameters (``custom_params={"kv_policy": ...}`` picks a policy)."""
+        parameters (``custom_params={"kv_policy": ...}`` picks a policy);
+        ``rid`` names the request (for ``/abort_request`` and the events in
+        :meth:`kv_state`)."""
         sampling = {"temperature": 0, "max_new_tokens": max_new_tokens, **params}
-        return self.request("/generate", {"input_ids": list(input_ids), "sampling_params": sampling})
+        body = {"input_ids": list(input_ids), "sampling_params": sampling}
+        if rid is not None:
+            body["rid"] = rid
+        return self.request("/generate", body)
+
+    def abort(self, rid: str) -> None:
+        self.request("/abort_request", {"rid": rid})
+
+    def events(self, rid: str) -> list[dict]:
+        """kvpolicy's events for one request (capture, compressed,
+        not_compressed, released), oldest first."""
+        return [e for e in self.kv_state().get("events", []) if e["rid"] == rid]
+
+    def wait_for_event(self, rid: str, event: str, timeout: float = 300) -> list[dict]:
+        """Poll until request ``rid`` has had ``event``; return its events."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.events(rid)
+            if any(e["event"] == event for e in seen):
+                return seen
+            if time.monotonic() > deadline:
+                raise ServerError(f"no '{event}' event for {rid} within {timeout:.0f} s; saw {seen}")
+            time.sleep(0.05)
 
     def kv_state(self) -> dict:
         """The scheduler's kvpolicy state (``/server_info``): the policy, the
@@ -90,7 +153,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             state = self.kv_state()
-            if not state.get("running") and held_slots(state) == 0 or time.monotonic() > deadline:
+            idle = not state.get("running") and held_slots(state) == 0 and not state["invariants"].get("captures_pending")
+            if idle or time.monotonic() > deadline:
                 return state
             time.sleep(0.5)
 
@@ -136,14 +200,16 @@ def command(model: str | Path, *, policy: str | None = None, extra: list[str] = 
 
 
 def start(model: str | Path, log_path: Path, *, policy: str | None = None, extra: list[str] = (),
-          timeout: float = 600) -> Server:
+          timeout: float = 600, env: dict[str, str] | None = None) -> Server:
     """Start a server and wait until it answers; raise :class:`ServerError`
-    with the end of its log if it exits or does not come up in time."""
+    with the end of its log if it exits or does not come up in time.
+    ``env`` adds to the environment (e.g. :data:`STRICT_CHECKS`)."""
     port = free_port()
     cmd = command(model, policy=policy, extra=list(extra), port=port)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
     server = Server(port, proc, log_path, cmd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

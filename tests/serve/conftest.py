@@ -1,10 +1,14 @@
 """Real SGLang servers on loopback, with the embedded default model.
 
-Two servers for the whole session: one without ``--kv-policy`` (the
-reference outputs) and one with EMS at 10% and chunked prefill
-(per-request ``custom_params`` pick other shipped policies on it). Each starts in about a minute on a 2-core
-CPU. If SGLang is missing, these tests fail with the reason: ``make test``
-installs it.
+Three servers for the whole session: one without ``--kv-policy`` (the
+reference outputs), one with EMS at 10% and chunked prefill (per-request
+``custom_params`` pick other shipped policies on it), and one under memory
+pressure (a 1024-slot pool, chunks of 256, admission that overcommits) that
+SGLang must retract and evict on. Each starts in about a minute on a 2-core
+CPU. The two with a policy run every scheduler step under SGLang's strict
+allocator checks and kvpolicy's own (``server.STRICT_CHECKS``): a leak, a
+double free or compressed KV in the radix tree stops them. If SGLang is
+missing, these tests fail with the reason: ``make test`` installs it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from kvpolicy.sglang_ext import server as srv
 # --sleep-on-idle: an idle scheduler otherwise spins, and two servers share 2 cores here
 SERVER_FLAGS = ["--max-total-tokens", "8192", "--max-running-requests", "4", "--sleep-on-idle"]
 EMS_10 = "policy ems10\nextends ems\nbudget 10%\n"
+# Small enough that three requests decoding a few hundred tokens each do not
+# fit: SGLang evicts the radix tree, then retracts. Admission reserves little
+# for future tokens (conservativeness 0.05 for running requests, at most 32
+# tokens for a new one: server.OVERCOMMIT), so it overcommits.
+PRESSURE_POOL = 1024
+PRESSURE_FLAGS = ["--max-total-tokens", str(PRESSURE_POOL), "--max-running-requests", "4",
+                  "--chunked-prefill-size", "256", "--schedule-conservativeness", "0.05", "--sleep-on-idle"]
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +57,17 @@ def ems_server(model_dir, tmp_path_factory):
     # chunks of 1024: the 1.5k-2k-token prompts below are prefilled in two
     # chunks, so capture across chunks is what these tests exercise
     server = srv.start(model_dir, tmp / "server.log", policy=str(policy),
-                       extra=SERVER_FLAGS + ["--chunked-prefill-size", "1024"])
+                       extra=SERVER_FLAGS + ["--chunked-prefill-size", "1024"], env=srv.STRICT_CHECKS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pressure_server(model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pressure")
+    policy = tmp / "ems10.kvp"
+    policy.write_text(EMS_10)
+    server = srv.start(model_dir, tmp / "server.log", policy=str(policy), extra=PRESSURE_FLAGS,
+                       env={**srv.STRICT_CHECKS, **srv.OVERCOMMIT})
     yield server
     server.stop()

@@ -12,40 +12,14 @@ import pytest
 import torch
 
 from kvpolicy.budgets import DEFAULT_MODEL
-from kvpolicy.evaluate import NeedleSpec, niah_prompt
-from kvpolicy.haystack import haystack_text
+from kvpolicy.evaluate import niah_prompt
 from kvpolicy.pipeline import compile_pipeline
 from kvpolicy.registry import load
 from kvpolicy.sglang_ext import server as srv
 from kvpolicy.sglang_ext.server import held_slots
 
 from .conftest import EMS_10, SERVER_FLAGS
-
-# A needle the 135M model retrieves from EMS's 10% cache at this length and
-# depth (its 7-digit numbers lose their digits when merged: README § Results).
-LISBON = NeedleSpec("Mary's favourite city is Lisbon.", "What is Mary's favourite city?", "Lisbon")
-
-
-def chat_ids(tokenizer, user: str | list[dict]) -> list[int]:
-    messages = [{"role": "user", "content": user}] if isinstance(user, str) else user
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def hay(tokenizer, n: int, offset: int = 0) -> str:
-    ids = tokenizer.encode(haystack_text(), add_special_tokens=False)
-    return tokenizer.decode(ids[offset:offset + n])
-
-
-def stream_completion(server, prompt_ids, max_tokens, on_chunk=None, **extra):
-    """OpenAI ``/v1/completions`` with ``stream=True``; returns the text."""
-    text = []
-    for n, chunk in enumerate(server.completion_chunks(prompt_ids, max_tokens, **extra), start=1):
-        text.append(chunk["choices"][0].get("text") or "")
-        if on_chunk is not None:
-            on_chunk(n)
-    return "".join(text)
-
+from .helpers import LISBON, HangUp, assert_healthy, chat_ids, hang_up_after, hay, stream_completion
 
 def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
     """A 2k-token needle prompt over the OpenAI API with EMS at 10%: the answer
@@ -146,8 +120,8 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
         params = {"custom_params": custom} if custom else {}
         if i % 7 == 3:  # a client that disconnects mid-stream
             try:
-                stream_completion(ems_server, prompt, 32, on_chunk=_hang_up_after(2))
-            except _HangUp:
+                stream_completion(ems_server, prompt, 32, on_chunk=hang_up_after(2))
+            except HangUp:
                 pass
             kind = "aborted"
         elif i % 7 == 5:  # cancelled by id, wherever it is (queued, prefilling, decoding)
@@ -170,26 +144,8 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
         list(pool.map(run, jobs))
     assert outcomes["ok"] >= 20, outcomes
 
-    end = ems_server.wait_idle()
-    assert end["running"] == {} and held_slots(end) == 0, end
-    ems_server.flush_cache()
-    flushed = ems_server.wait_idle()
-    assert flushed["available_slots"] == start["available_slots"] == flushed["max_total_num_tokens"]
+    end = assert_healthy(ems_server, tokenizer)
     assert end["totals"]["requests_compressed"] > start["totals"]["requests_compressed"]
-    # and the server still answers a fresh request correctly
-    reply = ems_server.generate(chat_ids(tokenizer, "What is the capital of France? One word."), 8)
-    assert "Paris" in reply["text"]
-
-
-class _HangUp(Exception):
-    pass
-
-
-def _hang_up_after(n):
-    def on_chunk(seen):
-        if seen >= n:
-            raise _HangUp
-    return on_chunk
 
 
 BAD_POLICIES = [

@@ -1,0 +1,61 @@
+"""What the serving tests share: prompts, streaming, and the checks that
+follow every case."""
+
+from __future__ import annotations
+
+from kvpolicy.evaluate import NeedleSpec
+from kvpolicy.haystack import haystack_text
+from kvpolicy.sglang_ext.server import invariant_problems
+
+# A needle the 135M model retrieves from EMS's 10% cache at this length and
+# depth (its 7-digit numbers lose their digits when merged: README § Results).
+LISBON = NeedleSpec("Mary's favourite city is Lisbon.", "What is Mary's favourite city?", "Lisbon")
+
+
+def chat_ids(tokenizer, user: str | list[dict]) -> list[int]:
+    messages = [{"role": "user", "content": user}] if isinstance(user, str) else user
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def hay(tokenizer, n: int, offset: int = 0) -> str:
+    ids = tokenizer.encode(haystack_text(), add_special_tokens=False)
+    return tokenizer.decode(ids[offset:offset + n])
+
+
+def stream_completion(server, prompt_ids, max_tokens, on_chunk=None, **extra):
+    """OpenAI ``/v1/completions`` with ``stream=True``; returns the text."""
+    text = []
+    for n, chunk in enumerate(server.completion_chunks(prompt_ids, max_tokens, **extra), start=1):
+        text.append(chunk["choices"][0].get("text") or "")
+        if on_chunk is not None:
+            on_chunk(n)
+    return "".join(text)
+
+
+class HangUp(Exception):
+    """Raised from a stream's callback: the client hangs up."""
+
+
+def hang_up_after(n):
+    def on_chunk(seen):
+        if seen >= n:
+            raise HangUp
+    return on_chunk
+
+
+def assert_healthy(server, tokenizer) -> dict:
+    """The invariants after a case: once every request has ended no slot,
+    record or capture is held; the radix tree's accounting is consistent and
+    it holds no compressed KV (:func:`invariant_problems`); after a flush the
+    allocator's free count is the whole pool again; and the server still
+    answers a fresh request correctly. Returns the idle state."""
+    idle = server.wait_idle()
+    assert not invariant_problems(idle, idle=True), (invariant_problems(idle, idle=True), idle)
+    server.flush_cache()
+    flushed = server.wait_idle()
+    assert flushed["available_slots"] == flushed["max_total_num_tokens"], flushed
+    assert flushed["invariants"]["tree_slots"] == 0, flushed
+    reply = server.generate(chat_ids(tokenizer, "What is the capital of France? One word."), 8)
+    assert "Paris" in reply.get("text", ""), reply
+    return idle

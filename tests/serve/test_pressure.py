@@ -1,0 +1,262 @@
+"""The ``--kv-policy`` server under aborts, memory pressure, prefix sharing,
+small chunks and bad input (issue: nothing lost, nothing leaked, nothing
+wrong served). After every case :func:`assert_healthy` checks the
+invariants; the servers also run SGLang's strict allocator checks and
+kvpolicy's own at every step (``server.STRICT_CHECKS``), so a leak or a
+compressed slot in the radix tree during a case stops them.
+
+Bigger versions of these cases run in ``bench/load.py`` and
+``bench/chunked.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kvpolicy.evaluate import niah_prompt
+from kvpolicy.registry import load
+from kvpolicy.sglang_ext.server import invariant_problems
+
+from .helpers import LISBON, assert_healthy, chat_ids, hay
+
+
+class Background:
+    """One ``/generate`` call on a thread; ``result()`` joins it."""
+
+    def __init__(self, server, ids, max_new_tokens, rid, **params):
+        self.reply = None
+        self.thread = threading.Thread(target=self._run, args=(server, ids, max_new_tokens, rid, params))
+        self.thread.start()
+
+    def _run(self, server, ids, max_new_tokens, rid, params):
+        self.reply = server.generate(ids, max_new_tokens, rid=rid, **params)
+
+    def result(self, timeout: float = 600) -> dict:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the request did not return"
+        return self.reply
+
+
+def kinds(events):
+    return [e["event"] for e in events]
+
+
+# -- aborts ----------------------------------------------------------------------------
+
+# ~900 tokens: four chunks of 256 on the pressure server, EMS with global()
+# capture in every chunk; long enough that an abort sent after the first
+# chunk's capture lands while the prefill is still running
+def long_prompt(tokenizer, offset):
+    return chat_ids(tokenizer, hay(tokenizer, 860, offset=offset) + "\n\nWhat is this text about?")
+
+
+def test_cancel_while_queued(pressure_server, tokenizer):
+    """Cancelled before it reaches the model: no capture, no slot, no trace."""
+    server = pressure_server
+    blocker = Background(server, long_prompt(tokenizer, 30000), 4, "queued-blocker")
+    server.wait_for_event("queued-blocker", "capture")  # its first chunk ran: it holds the chunk budget
+    target = Background(server, long_prompt(tokenizer, 31000), 32, "queued-target")
+    time.sleep(0.3)
+    server.abort("queued-target")
+    reply = target.result()
+    assert reply["meta_info"]["finish_reason"]["type"] == "abort", reply
+    assert reply["meta_info"]["completion_tokens"] == 0
+    assert server.events("queued-target") == []  # a compressible prompt that never reached the model
+    assert "text" in blocker.result()
+    assert_healthy(server, tokenizer)
+
+
+def test_cancel_during_chunked_prefill(pressure_server, tokenizer):
+    """Cancelled between chunks: the partial capture is dropped with the
+    request's slots; nothing is compressed."""
+    server = pressure_server
+    dropped = server.kv_state()["totals"]["captures_dropped"]
+    target = Background(server, long_prompt(tokenizer, 32000), 32, "prefill-target")
+    server.wait_for_event("prefill-target", "capture")
+    server.abort("prefill-target")
+    reply = target.result()
+    assert reply["meta_info"]["finish_reason"]["type"] == "abort", reply
+    events = server.events("prefill-target")
+    assert kinds(events) == ["capture", "released"], events
+    assert events[-1]["capturing"] and not events[-1]["compressed"]
+    state = assert_healthy(server, tokenizer)
+    assert state["totals"]["captures_dropped"] == dropped + 1
+
+
+@pytest.mark.parametrize("phase", ["right after compression", "during decode"])
+def test_cancel_a_compressed_request(pressure_server, tokenizer, phase):
+    """Cancelled once compressed: its ``B + t`` private slots go back, the
+    exact prompt stays in the tree (evictable), nothing compressed is
+    inserted."""
+    server = pressure_server
+    rid = "cancel-" + phase.replace(" ", "-")
+    target = Background(server, long_prompt(tokenizer, 33000 if phase == "during decode" else 34000), 200, rid)
+    events = server.wait_for_event(rid, "compressed")
+    if phase == "during decode":
+        time.sleep(3)
+    state = server.kv_state()
+    assert not invariant_problems(state), invariant_problems(state)
+    assert state["invariants"]["compressed_slots"] >= events[-1]["slots_kept"]
+    server.abort(rid)
+    reply = target.result()
+    assert reply["meta_info"]["finish_reason"]["type"] == "abort", reply
+    events = server.events(rid)
+    assert kinds(events) == ["capture", "compressed", "released"], events
+    released = events[-1]
+    assert released["compressed"] and released["finished"]
+    assert 1 <= released["output_tokens"] < 200
+    if phase == "during decode":
+        assert released["output_tokens"] > 1
+    assert_healthy(server, tokenizer)
+
+
+# -- memory pressure ---------------------------------------------------------------------
+
+
+def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, model_dir):
+    """A 1024-slot pool: two exact requests (A, B) and a compressed one (C)
+    decode until the pool is full. SGLang evicts the radix tree, then
+    retracts the request with the fewest tokens out: C. C is prefilled again
+    (prompt + the tokens it had) and compressed again from scratch, and its
+    tokens before and after equal the transformers path's, compressed the
+    same way at each point."""
+    from kvpolicy import hf
+    from kvpolicy.models import load_model
+
+    server = pressure_server
+    server.flush_cache()
+    retracted = server.kv_state()["totals"]["compressed_retracted"]
+    # Z sits in the radix tree first; the pressure must evict it
+    z = chat_ids(tokenizer, hay(tokenizer, 280, offset=40000) + "\n\nName the topic.")
+    z_first = server.generate(z, 4, custom_params={"kv_policy": "full"})
+
+    full = {"custom_params": {"kv_policy": "full"}, "ignore_eos": True}
+    a = Background(server, chat_ids(tokenizer, hay(tokenizer, 180, offset=41000) + "\nGo on."), 300, "press-A", **full)
+    b = Background(server, chat_ids(tokenizer, hay(tokenizer, 180, offset=42000) + "\nGo on."), 300, "press-B", **full)
+    time.sleep(2)
+    c_ids = chat_ids(tokenizer, hay(tokenizer, 420, offset=43000) + "\n\nWhat is this text about?")
+    snap64 = {"kv_policy": "snapkv", "kv_budget": "64"}
+    c = Background(server, c_ids, 300, "press-C", custom_params=snap64, ignore_eos=True)
+    seen_problems = []
+    while c.thread.is_alive():
+        state = server.kv_state()
+        seen_problems += invariant_problems(state)
+        time.sleep(1)
+    replies = [x.result() for x in (a, b, c)]
+    assert not seen_problems, seen_problems
+    for reply, n in zip(replies, (300, 300, 300)):
+        assert reply["meta_info"]["completion_tokens"] == n, reply["meta_info"]
+
+    c_reply = replies[2]
+    assert c_reply["meta_info"]["num_retractions"] >= 1, c_reply["meta_info"]
+    events = server.events("press-C")
+    assert kinds(events)[:3] == ["capture", "compressed", "released"], events
+    assert not events[2]["finished"] and events[2]["compressed"]  # retracted while compressed
+    last_capture = [e for e in events if e["event"] == "capture"][-1]
+    assert kinds(events)[-3:] == ["capture", "compressed", "released"] and events[-1]["finished"], events
+    t_r = last_capture["prompt_tokens"] - len(c_ids)  # tokens it had when last retracted
+    assert 0 < t_r < 300
+    assert events[-2]["prompt_tokens"] == len(c_ids) + t_r and events[-2]["slots_kept"] == 64
+    assert server.kv_state()["totals"]["compressed_retracted"] > retracted
+
+    out = c_reply["output_ids"]
+    lm, _, shape = load_model(str(model_dir))
+    policy = load("snapkv").with_budget("64")
+    k = min(16, events[2]["output_tokens"])
+    before, _ = hf.generate(lm, torch.tensor([c_ids]), policy, shape, max_new_tokens=k)
+    assert out[:k] == before[0].tolist()
+    k = min(16, 300 - t_r)
+    after, _ = hf.generate(lm, torch.tensor([c_ids + out[:t_r]]), policy, shape, max_new_tokens=k)
+    assert out[t_r:t_r + k] == after[0].tolist()
+
+    # Z was evicted from the tree under the pressure, and is still served exactly
+    z_again = server.generate(z, 4, custom_params={"kv_policy": "full"})
+    assert z_again["meta_info"]["cached_tokens"] < len(z) - 1
+    assert z_again["text"] == z_first["text"]
+    assert_healthy(server, tokenizer)
+
+
+# -- prefix sharing ----------------------------------------------------------------------
+
+
+def test_parallel_sampling_and_a_shared_prefix(plain_server, ems_server, tokenizer):
+    """n = 3 samples of one prompt, then four requests sharing a long prefix,
+    two compressed and two exact: each compressed request has its own slots,
+    none in the tree, and the exact ones answer as a server without policy."""
+    server = ems_server
+    context = hay(tokenizer, 1200, offset=50000)
+    prompt = chat_ids(tokenizer, context + "\n\nWhat is this text about?")
+    seen_before = {e["rid"] for e in server.kv_state()["events"]}
+
+    samples = Background(server, prompt, 24, None, temperature=0.8, n=3)
+    problems, live = [], 0
+    while samples.thread.is_alive():
+        state = server.kv_state()
+        problems += invariant_problems(state)
+        live = max(live, len(state["running"]))
+        time.sleep(0.2)
+    replies = samples.result()
+    assert isinstance(replies, list) and len(replies) == 3, replies
+    assert all(r["meta_info"]["completion_tokens"] >= 1 for r in replies)
+    compressed = [e for e in server.kv_state()["events"] if e["event"] == "compressed" and e["rid"] not in seen_before]
+    assert len({e["rid"] for e in compressed if e["prompt_tokens"] == len(prompt)}) == 3, compressed
+
+    questions = ["Name one keyword.", "Is it fiction?", "Who is the author?", "Give it a title."]
+    custom = [None, {"kv_policy": "full"}, None, {"kv_policy": "full"}]
+    jobs = []
+    for i, (q, cp) in enumerate(zip(questions, custom)):
+        params = {"custom_params": cp} if cp else {}
+        jobs.append(Background(server, chat_ids(tokenizer, context + "\n\n" + q), 16, f"shared-{i}", **params))
+    while any(j.thread.is_alive() for j in jobs):
+        state = server.kv_state()
+        problems += invariant_problems(state)
+        live = max(live, len(state["running"]))
+        time.sleep(0.2)
+    answers = [j.result() for j in jobs]
+    assert not problems, problems
+    assert live >= 2  # compressed requests were decoding side by side while checked
+    for i in (1, 3):  # exact, from the shared prefix in the tree
+        ids = chat_ids(tokenizer, context + "\n\n" + questions[i])
+        assert answers[i]["meta_info"]["cached_tokens"] > 1000
+        assert answers[i]["text"] == plain_server.generate(ids, 16)["text"]
+    for i in (0, 2):
+        assert [e["event"] for e in server.events(f"shared-{i}")] == ["capture", "compressed", "released"]
+    assert_healthy(server, tokenizer)
+
+
+# -- chunked prefill ---------------------------------------------------------------------
+
+
+def test_chunks_of_256_equal_one_chunk(ems_server, pressure_server, tokenizer):
+    """The same policy (EMS 10%, global() and local() scores) on a ~900-token
+    needle prompt: prefilled in one chunk (chunk size 1024) and in four
+    (chunk size 256), the kept budget and the greedy answer are the same."""
+    context, question = niah_prompt(tokenizer, LISBON, 880, 0.5)
+    ids = context + question
+    one = ems_server.generate(ids, 16, rid="one-chunk")
+    four = pressure_server.generate(ids, 16, rid="four-chunks")
+    assert "#new-token: 256" in pressure_server.log()
+    kept = [[e["slots_kept"] for e in s.events(rid) if e["event"] == "compressed"]
+            for s, rid in ((ems_server, "one-chunk"), (pressure_server, "four-chunks"))]
+    assert kept[0] == kept[1] == [round(0.1 * len(ids))]
+    assert four["text"] == one["text"], (four["text"], one["text"])
+    assert_healthy(pressure_server, tokenizer)
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_a_budget_larger_than_the_prompt_keeps_everything(plain_server, ems_server, tokenizer):
+    """SnapKV with 4096 tokens on a ~330-token prompt: nothing to compress,
+    no capture, no error, the exact answer."""
+    ids = chat_ids(tokenizer, hay(tokenizer, 300, offset=60000) + "\n\nSummarise it.")
+    not_compressed = ems_server.kv_state()["totals"]["requests_not_compressed"]
+    reply = ems_server.generate(ids, 16, rid="budget-over", custom_params={"kv_policy": "snapkv", "kv_budget": "4096"})
+    assert reply["text"] == plain_server.generate(ids, 16)["text"]
+    assert ems_server.events("budget-over") == []
+    state = assert_healthy(ems_server, tokenizer)
+    assert state["totals"]["requests_not_compressed"] == not_compressed
