@@ -11,9 +11,11 @@ requests; admission reserves at most 32 tokens of each request's output):
         --server-flags "--max-total-tokens 6144 --max-running-requests 8 --chunked-prefill-size 512 \
                         --schedule-conservativeness 0.05 --sleep-on-idle"
 
-Each client loops until the time is up, drawing a prompt shorter than the
-budget, around it, or far above it (haystack text, distinct offsets), a
-``max_tokens`` of 0, 1, 16 or 128, and one of these requests:
+With ``--start`` the server serves ``--policy`` with a budget of
+``--budget-tokens`` tokens (default 400). Each client loops until the time is
+up, drawing a prompt shorter than the budget (nothing to compress), around
+it, or far above it (haystack text, distinct offsets), a ``max_tokens`` of
+0, 1, 16 or 128, and one of these requests:
 
 * ``stream``: streamed over the OpenAI API (``max_tokens`` 0 goes to
   ``/generate``, which allows it);
@@ -188,7 +190,9 @@ def main(argv=None) -> int:
                     help="with --start: more SGLang flags")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--duration", type=float, default=120, help="seconds of sending (then in-flight requests finish)")
-    ap.add_argument("--budget-tokens", type=int, default=400, help="prompt lengths are drawn around this")
+    ap.add_argument("--budget-tokens", type=int, default=400,
+                    help="with --start, the served policy is --policy with this budget in tokens; prompts are "
+                         "drawn shorter than it (nothing to compress), around it, and far above it")
     ap.add_argument("--pressure", action="store_true",
                     help="with --start: admission reserves at most 32 output tokens per request "
                          "(SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION), so a small pool overcommits and retracts")
@@ -214,7 +218,10 @@ def main(argv=None) -> int:
         env = dict(srv.STRICT_CHECKS)
         if args.pressure:
             env.update(srv.OVERCOMMIT)
-        server = srv.start(model, RESULTS / "logs" / "load_server.log", policy=args.policy,
+        policy_file = RESULTS / "logs" / "load_policy.kvp"
+        policy_file.parent.mkdir(parents=True, exist_ok=True)
+        policy_file.write_text(f"policy load\nextends {args.policy}\nbudget {args.budget_tokens}\n")
+        server = srv.start(model, RESULTS / "logs" / "load_server.log", policy=str(policy_file),
                            extra=args.server_flags.split(), env=env)
     else:
         server = srv.Server(int(args.url.rsplit(":", 1)[1].split("/")[0]), None, Path("/dev/null"))

@@ -51,8 +51,7 @@ def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
     assert f"prompt={N} kept={B} slots" in log
     assert "#new-token: 1024, #cached-token: 0" in log  # its prefill came in chunks
 
-    idle = ems_server.wait_idle()
-    assert idle["running"] == {} and held_slots(idle) == 0
+    assert_healthy(ems_server, tokenizer)
 
 
 def test_full_policy_is_token_identical_to_a_server_without_policy(plain_server, ems_server, tokenizer):
@@ -62,6 +61,7 @@ def test_full_policy_is_token_identical_to_a_server_without_policy(plain_server,
     assert "text" in plain and "text" in full, (plain, full)
     assert full["text"] == plain["text"]
     assert full["meta_info"]["completion_tokens"] == plain["meta_info"]["completion_tokens"] > 8
+    assert_healthy(ems_server, tokenizer)
 
 
 def test_snapkv_served_equals_the_transformers_path(ems_server, tokenizer, model_dir):
@@ -75,6 +75,7 @@ def test_snapkv_served_equals_the_transformers_path(ems_server, tokenizer, model
     expected = tok.decode(new[0], skip_special_tokens=True)
     assert served["text"] == expected, (served["text"], expected)
     assert served["meta_info"]["completion_tokens"] == 24
+    assert_healthy(ems_server, tokenizer)
 
 
 def test_radix_prefix_stays_exact_after_a_compressed_request(plain_server, ems_server, tokenizer):
@@ -98,6 +99,7 @@ def test_radix_prefix_stays_exact_after_a_compressed_request(plain_server, ems_s
     r3 = ems_server.generate(turn, 8)
     assert r3["meta_info"]["cached_tokens"] >= len(first) - 1
     assert "prompt=%d kept=" % len(turn) in ems_server.log()
+    assert_healthy(ems_server, tokenizer)
 
 
 def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
@@ -202,7 +204,7 @@ def test_launch_refuses_flags_it_cannot_serve_and_adjusts_the_rest(capsys, monke
 def test_a_request_naming_an_unknown_policy_gets_a_400(ems_server, tokenizer):
     reply = ems_server.generate(chat_ids(tokenizer, "Hello"), 4, custom_params={"kv_policy": "snapkvv"})
     assert reply["status"] == 400 and "snapkv" in reply["error"]
-    assert "text" in ems_server.generate(chat_ids(tokenizer, "Hello"), 4)
+    assert_healthy(ems_server, tokenizer)
 
 
 def test_the_launch_policy_is_the_one_served(ems_server):
