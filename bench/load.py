@@ -8,7 +8,7 @@ Memory pressure (SGLang must evict the radix tree and retract running
 requests; admission reserves at most 32 tokens of each request's output):
 
     python bench/load.py --start --clients 8 --duration 120 --pressure \
-        --server-flags "--max-total-tokens 6144 --max-running-requests 8 --chunked-prefill-size 512 \
+        --server-flags "--max-total-tokens 4096 --max-running-requests 8 --chunked-prefill-size 512 \
                         --schedule-conservativeness 0.05 --sleep-on-idle"
 
 With ``--start`` the server serves ``--policy`` with a budget of
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
             env.update(srv.OVERCOMMIT)
         policy_file = RESULTS / "logs" / "load_policy.kvp"
         policy_file.parent.mkdir(parents=True, exist_ok=True)
-        policy_file.write_text(f"policy load\nextends {args.policy}\nbudget {args.budget_tokens}\n")
+        policy_file.write_text(f"policy load\nextends {args.policy}\nbudget {args.budget_tokens} tokens\n")
         server = srv.start(model, RESULTS / "logs" / "load_server.log", policy=str(policy_file),
                            extra=args.server_flags.split(), env=env)
     else:

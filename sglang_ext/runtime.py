@@ -111,7 +111,8 @@ class Runtime:
         self.requests: dict[str, object] = {}  # rid -> SGLang Req, compressed and still running
         self.totals = {"requests_compressed": 0, "prompt_tokens": 0, "slots_kept": 0, "slots_freed": 0,
                        "slots_released_to_tree": 0, "requests_not_compressed": 0,
-                       "compressed_retracted": 0, "captures_dropped": 0, "invariant_violations": 0}
+                       "compressed_retracted": 0, "captures_dropped": 0, "room_from_own_prompt": 0,
+                       "invariant_violations": 0}
         # what happened to each request, in order: capture / compressed /
         # not_compressed / released (finished or retracted, compressed or mid-capture)
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
@@ -294,25 +295,20 @@ class Runtime:
             out = cap.pipeline.compress(lid, LayerInputs(keys, values, cap.queries[lid], cap.accumulated[lid]))
             k, v = out.rank_slot()  # [H_kv, B, d]
             kept.append((k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()))
-        from sglang.srt.mem_cache.allocation import alloc_token_slots
-
-        try:
-            new = alloc_token_slots(tree, B)
-        except RuntimeError as exc:
-            raise _NotCompressed(f"no {B} free slots for the compressed copy") from exc
+        # Give up the hold on the N uncompressed slots: [0, protected) belong to
+        # the tree (unlocked: evictable, still exact cache); the rest were the
+        # request's own and go back to the allocator. Normally after the B new
+        # slots are written; under memory pressure first, to make room for them.
+        protected = req.kv.cache_protected_len
+        owned = old[protected:]
+        new, released = take_slots(tree, allocator, req, B, owned)
         for lid, (k, v) in enumerate(kept):
             kv.set_kv_buffer(None, new, k, v, layer_id_override=lid)
         req_to_token[row, :B] = new.to(req_to_token.dtype)
-
-        # Give up the hold on the N uncompressed slots: [0, protected) belong to
-        # the tree (unlocked: evictable, still exact cache); the rest were the
-        # request's own and go back to the allocator.
-        protected = req.kv.cache_protected_len
-        owned = old[protected:]
-        if owned.numel():
-            allocator.free(owned)
-        tree.unlock(req.lock)
-        req.lock = None
+        if released:
+            self.totals["room_from_own_prompt"] += 1
+        else:
+            release_hold(tree, allocator, req, owned)
         req.kv.cache_protected_len = 0
         req.kv.kv_committed_len = req.kv.kv_allocated_len = B
         skip = req.skip_radix_cache_insert
@@ -325,7 +321,8 @@ class Runtime:
         rec = Record(req.rid, cap.policy.name, N, B, int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
         self.records[req.rid] = rec
         self.requests[req.rid] = req
-        self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, output_tokens=len(req.output_ids))
+        self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, output_tokens=len(req.output_ids),
+                    room_from_own_prompt=released)
         for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
                            ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):
             self.totals[key] += value
@@ -450,6 +447,48 @@ class Runtime:
             "invariants": self._invariants_or_error(tree),
             "events": list(self.events),
         }
+
+
+def release_hold(tree, allocator, req, owned: torch.Tensor) -> None:
+    """The request stops holding its uncompressed prompt: the slots it owns
+    alone go back to the allocator, its lock on the tree path is released
+    (those slots stay cached, now evictable)."""
+    if owned.numel():
+        allocator.free(owned)
+    tree.unlock(req.lock)
+    req.lock = None
+
+
+def take_slots(tree, allocator, req, B: int, owned: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``B`` free slots for a request's compressed copy, and whether its hold
+    on the uncompressed prompt was released to find them.
+
+    Free slots and the tree's evictable ones come first. When they fall short
+    (a full pool: the prompt the request holds is what fills it), the hold is
+    released first, so the ``N > B`` slots it frees or makes evictable make
+    room. If even that is not enough, the lock is taken back before anything
+    was evicted, and the request keeps its exact KV (:class:`_NotCompressed`).
+    Page size 1 (checked at launch): any ``B`` slots will do.
+    """
+    from sglang.srt.mem_cache.common import evict_from_tree_cache
+
+    released = False
+    if allocator.available_size() + tree.evictable_size() < B:
+        node = req.lock.node if req.lock is not None else None
+        tree.unlock(req.lock)
+        req.lock = None
+        if allocator.available_size() + tree.evictable_size() + owned.numel() < B:
+            if node is not None:
+                req.lock = tree.lock(node)
+            raise _NotCompressed(f"no room for {B} slots even after releasing its own prompt")
+        if owned.numel():
+            allocator.free(owned)
+        released = True
+    evict_from_tree_cache(tree, B)
+    new = allocator.alloc(B)
+    if new is None:  # free + evictable >= B was checked just above
+        raise RuntimeError(f"the allocator refused {B} slots with {allocator.available_size()} free")
+    return new, released
 
 
 class _NotCompressed(Exception):
