@@ -1,15 +1,16 @@
 """Chunked prefill with small chunks gives the same compression as one chunk.
 
-    python bench/chunked.py                       # 4096-token prompts, chunks of 256 vs one chunk
-    python bench/chunked.py --prompt-len 2048 --prompts 2 --policies ems snapkv
+    python bench/chunked.py    # 4096-token prompts, 3 depths, ems/snapkv/h2o: chunks of 256 vs one
+    python bench/chunked.py --prompt-len 4096 --prompts 2 --policies ems snapkv    # the committed run
 
 Starts two ``--kv-policy`` servers on the embedded model that differ only in
 ``--chunked-prefill-size`` (256, and one larger than the prompt), sends the
 same needle prompts (depths spread over the context) to both with each
-policy (``custom_params``), and compares the greedy answers token for token
-and the slots kept. Capture across chunks (the last ``W`` queries, and each
-chunk's share of ``global()``'s accumulated attention) is what differs
-between the two. Prints one line per prompt and writes JSON
+policy (``custom_params``), with the radix cache flushed before each, and
+compares the greedy answers token for token and the slots kept. Capture
+across chunks (the last ``W`` queries, and each chunk's share of
+``global()``'s accumulated attention) is what differs between the two.
+Prints one line per prompt and writes JSON
 (``bench/results/chunked_<prompt_len>.json``); exits 1 if any answer or
 budget differs.
 """
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
                 out = {}
                 for name, server in servers.items():
                     rid = f"chunked-{name}-{p}-{policy}"
+                    server.flush_cache()  # a whole prefill each time, never a radix hit on the last one
+                    server.wait_idle()
                     t = time.monotonic()
                     reply = server.generate(ids, args.max_new_tokens, rid=rid, custom_params=custom)
                     kept = [e["slots_kept"] for e in server.events(rid) if e["event"] == "compressed"]

@@ -7,22 +7,24 @@ bounded time, then check that nothing leaked.
 Memory pressure (SGLang must evict the radix tree and retract running
 requests; admission reserves at most 32 tokens of each request's output):
 
-    python bench/load.py --start --clients 8 --duration 120 --pressure \
-        --server-flags "--max-total-tokens 4096 --max-running-requests 8 --chunked-prefill-size 512 \
+    python bench/load.py --start --clients 8 --duration 120 --pressure --ignore-eos --budget-tokens 150 \
+        --max-tokens 0 1 16 128 512 \
+        --server-flags "--max-total-tokens 1536 --max-running-requests 8 --chunked-prefill-size 512 \
                         --schedule-conservativeness 0.05 --sleep-on-idle"
 
 With ``--start`` the server serves ``--policy`` with a budget of
 ``--budget-tokens`` tokens (default 400). Each client loops until the time is
 up, drawing a prompt shorter than the budget (nothing to compress), around
-it, or far above it (haystack text, distinct offsets), a ``max_tokens`` of
-0, 1, 16 or 128, and one of these requests:
+it, or far above it (haystack text, distinct offsets), a ``max_tokens``
+(``--max-tokens``, default 0, 1, 16 or 128), and one of these requests:
 
 * ``stream``: streamed over the OpenAI API (``max_tokens`` 0 goes to
   ``/generate``, which allows it);
 * ``hang_up``: streamed, the client disconnects after the second chunk;
-* ``cancel``: ``/generate`` with an id, cancelled by ``/abort_request`` after
-  0-8 s: in the queue, during (chunked) prefill, right after compression or
-  during decode; where it landed is read from the server's events;
+* ``cancel``: ``/generate`` with an id, cancelled by ``/abort_request`` in
+  the queue, during (chunked) prefill, right after compression or during
+  decode (a phase drawn at random and waited for through the server's
+  events); where it landed is counted from the events;
 * ``parallel``: ``n = 2`` samples of one prompt;
 * ``shared``: one long prefix shared by every client, a distinct question,
   every other one with the exact ``full`` policy.
@@ -83,11 +85,13 @@ class Stats:
 
 
 def one_request(server, kind: str, ids: list[int], max_tokens: int, stats: Stats, timeout: float,
-                rng: random.Random, rid: str, custom: dict | None):
+                rng: random.Random, rid: str, custom: dict | None, ignore_eos: bool = False):
     """Send one request of ``kind``; count how it ended."""
     stats.add(kind, "sent")
     t0 = time.monotonic()
     extra = {"custom_params": custom} if custom else {}
+    if ignore_eos:
+        extra["ignore_eos"] = True
     try:
         if kind in ("stream", "hang_up") and max_tokens > 0:
             chunks = 0
@@ -101,10 +105,13 @@ def one_request(server, kind: str, ids: list[int], max_tokens: int, stats: Stats
         if kind == "cancel":
             body = {"input_ids": ids, "rid": rid,
                     "sampling_params": {"temperature": 0, "max_new_tokens": max(max_tokens, 16), **extra}}
-            timer = threading.Timer(rng.uniform(0, 8), server.abort, args=(rid,))
-            timer.start()
-            reply = server.request("/generate", body, timeout=timeout)
-            timer.cancel()
+            holder: dict = {}
+            sender = threading.Thread(target=lambda: holder.update(reply=server.request("/generate", body,
+                                                                                        timeout=timeout)))
+            sender.start()
+            cancel_at(server, rid, rng.choice(CANCEL_PHASES), sender)
+            sender.join(timeout)
+            reply = holder.get("reply", {"status": 0, "error": "no reply"})
             with stats.lock:
                 stats.cancelled.append(rid)
         else:
@@ -123,6 +130,32 @@ def one_request(server, kind: str, ids: list[int], max_tokens: int, stats: Stats
         stats.add(kind, "failed_cleanly", error=f"{exc.code}: {exc.read()[:200]!r}")
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
         stats.add(kind, "crashed", error=repr(exc))
+
+
+def retracted_in_log(path: Path) -> int:
+    """Requests SGLang retracted, from its log lines ("#retracted_reqs: N")."""
+    import re
+
+    return sum(int(n) for n in re.findall(r"#retracted_reqs: (\d+)", path.read_text(errors="replace")))
+
+
+CANCEL_PHASES = ("queue", "prefill", "compressed", "decode")
+
+
+def cancel_at(server, rid: str, phase: str, sender: threading.Thread, poll: float = 0.5) -> None:
+    """``/abort_request`` once request ``rid`` reached ``phase``: at once
+    (``queue``), after its first prefill chunk was captured (``prefill``),
+    right after compression (``compressed``) or 2 s into decoding
+    (``decode``), read from the server's events; never, if it ends first."""
+    wanted = {"queue": None, "prefill": "capture", "compressed": "compressed", "decode": "compressed"}[phase]
+    while wanted is not None and sender.is_alive():
+        if any(e["event"] == wanted for e in server.events(rid)):
+            break
+        time.sleep(poll)
+    if phase == "decode":
+        time.sleep(2)
+    if sender.is_alive():
+        server.abort(rid)
 
 
 def where_cancelled(events: list[dict], rids: list[str]) -> dict:
@@ -196,6 +229,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pressure", action="store_true",
                     help="with --start: admission reserves at most 32 output tokens per request "
                          "(SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION), so a small pool overcommits and retracts")
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=[0, 1, 16, 128],
+                    help="each request draws its max_tokens from these")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every request decodes its whole max_tokens (as SGLang's bench_serving does)")
     ap.add_argument("--timeout", type=float, default=900, help="per request")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -247,16 +284,18 @@ def main(argv=None) -> int:
                 with counter_lock:
                     n = next(counter)
                 kind = rng.choices(KINDS, weights=(4, 1, 2, 1, 2))[0]
-                max_tokens = rng.choice([0, 1, 16, 128] if kind != "hang_up" else [16, 128])
+                max_tokens = rng.choice([m for m in args.max_tokens if kind != "hang_up" or m >= 16] or [16])
                 custom = None
                 if kind == "shared":
                     text = shared_prefix + f"\n\nRequest {n}: name one thing the text above mentions."
                     custom = {"kv_policy": "full"} if n % 2 else None
                 else:
-                    length = rng.choice([args.budget_tokens // 4, args.budget_tokens, args.budget_tokens * 8])
+                    lengths = [args.budget_tokens // 4, args.budget_tokens, args.budget_tokens * 8]
+                    length = rng.choice(lengths[1:] if kind == "cancel" else lengths)  # cancels: compressible
                     start = rng.randrange(0, len(hay) - length)
                     text = tok.decode(hay[start:start + length]) + f"\n\nRequest {n}: summarise."
-                one_request(server, kind, chat(text), max_tokens, stats, args.timeout, rng, f"load-{n}", custom)
+                one_request(server, kind, chat(text), max_tokens, stats, args.timeout, rng, f"load-{n}", custom,
+                            args.ignore_eos)
 
         t0 = time.monotonic()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
@@ -288,7 +327,8 @@ def main(argv=None) -> int:
         "latency_p99_s": percentile(stats.latencies, 0.99),
         "by_kind": stats.by_kind,
         "cancels": where_cancelled(flushed.get("events", []), stats.cancelled),
-        "sglang_retractions": stats.retractions,
+        "retractions_in_replies": stats.retractions,  # meta_info.num_retractions of /generate replies
+        "retracted_in_server_log": retracted_in_log(server.log_path) if args.start else None,
         "slots": {"free_at_start": start_state["available_slots"], "free_at_end": end_state["available_slots"],
                   "cached_at_end": end_state["evictable_slots"] + end_state["protected_slots"],
                   "held_at_end": held_slots(end_state), "free_after_flush": flushed["available_slots"],
@@ -310,7 +350,8 @@ def main(argv=None) -> int:
           f"| free slots {result['slots']['free_at_start']} -> {result['slots']['free_after_flush']} after flush "
           f"(held at end {result['slots']['held_at_end']}) | leak-free {result['leak_free']} "
           f"| invariants broken {len(result['invariant_problems'])} in {monitor.polls} polls "
-          f"| retractions {stats.retractions} | answers after {alive} | {out}")
+          f"| retracted {result['retracted_in_server_log']} (compressed {flushed['totals']['compressed_retracted']}) "
+          f"| answers after {alive} | {out}")
     ok = result["leak_free"] and alive and c["crashed"] == 0 and not result["invariant_problems"]
     return 0 if ok else 1
 
