@@ -87,6 +87,8 @@ class Stats:
 def one_request(server, kind: str, ids: list[int], max_tokens: int, stats: Stats, timeout: float,
                 rng: random.Random, rid: str, custom: dict | None, ignore_eos: bool = False):
     """Send one request of ``kind``; count how it ended."""
+    from kvpolicy.sglang_ext.server import ServerError
+
     stats.add(kind, "sent")
     t0 = time.monotonic()
     extra = {"custom_params": custom} if custom else {}
@@ -103,15 +105,12 @@ def one_request(server, kind: str, ids: list[int], max_tokens: int, stats: Stats
             stats.add(kind, "completed", time.monotonic() - t0)
             return
         if kind == "cancel":
-            body = {"input_ids": ids, "rid": rid,
-                    "sampling_params": {"temperature": 0, "max_new_tokens": max(max_tokens, 16), **extra}}
-            holder: dict = {}
-            sender = threading.Thread(target=lambda: holder.update(reply=server.request("/generate", body,
-                                                                                        timeout=timeout)))
-            sender.start()
+            sender = server.generate_in_background(ids, max(max_tokens, 16), rid, timeout=timeout, **extra)
             cancel_at(server, rid, rng.choice(CANCEL_PHASES), sender)
-            sender.join(timeout)
-            reply = holder.get("reply", {"status": 0, "error": "no reply"})
+            try:
+                reply = sender.result(timeout)
+            except ServerError as exc:
+                reply = {"status": 0, "error": str(exc)}
             with stats.lock:
                 stats.cancelled.append(rid)
         else:
@@ -142,19 +141,19 @@ def retracted_in_log(path: Path) -> int:
 CANCEL_PHASES = ("queue", "prefill", "compressed", "decode")
 
 
-def cancel_at(server, rid: str, phase: str, sender: threading.Thread, poll: float = 0.5) -> None:
+def cancel_at(server, rid: str, phase: str, sender, poll: float = 0.5) -> None:
     """``/abort_request`` once request ``rid`` reached ``phase``: at once
     (``queue``), after its first prefill chunk was captured (``prefill``),
     right after compression (``compressed``) or 2 s into decoding
     (``decode``), read from the server's events; never, if it ends first."""
     wanted = {"queue": None, "prefill": "capture", "compressed": "compressed", "decode": "compressed"}[phase]
-    while wanted is not None and sender.is_alive():
+    while wanted is not None and sender.alive():
         if any(e["event"] == wanted for e in server.events(rid)):
             break
         time.sleep(poll)
     if phase == "decode":
         time.sleep(2)
-    if sender.is_alive():
+    if sender.alive():
         server.abort(rid)
 
 
@@ -240,6 +239,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
+    from kvpolicy.evaluate import chat_ids
     from kvpolicy.haystack import haystack_text
     from kvpolicy.models import resolve_model
     from kvpolicy.sglang_ext import server as srv
@@ -262,10 +262,6 @@ def main(argv=None) -> int:
                            extra=args.server_flags.split(), env=env)
     else:
         server = srv.Server(int(args.url.rsplit(":", 1)[1].split("/")[0]), None, Path("/dev/null"))
-
-    def chat(text: str) -> list[int]:
-        return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                  add_generation_prompt=True), add_special_tokens=False)
 
     shared_prefix = tok.decode(hay[:args.budget_tokens * 4])
     try:
@@ -294,8 +290,8 @@ def main(argv=None) -> int:
                     length = rng.choice(lengths[1:] if kind == "cancel" else lengths)  # cancels: compressible
                     start = rng.randrange(0, len(hay) - length)
                     text = tok.decode(hay[start:start + length]) + f"\n\nRequest {n}: summarise."
-                one_request(server, kind, chat(text), max_tokens, stats, args.timeout, rng, f"load-{n}", custom,
-                            args.ignore_eos)
+                one_request(server, kind, chat_ids(tok, text), max_tokens, stats, args.timeout, rng,
+                            f"load-{n}", custom, args.ignore_eos)
 
         t0 = time.monotonic()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
@@ -313,7 +309,7 @@ def main(argv=None) -> int:
         server.flush_cache()
         time.sleep(1)
         flushed = server.kv_state()
-        answer = server.generate(chat("What is the capital of France? One word."), 8)
+        answer = server.generate(chat_ids(tok, "What is the capital of France? One word."), 8)
         alive = "Paris" in answer.get("text", "")
     finally:
         if args.start:

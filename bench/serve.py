@@ -39,6 +39,7 @@ RESULTS = ROOT / "results"
 
 
 def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
+    from kvpolicy.evaluate import chat_ids
     from kvpolicy.haystack import haystack_text
 
     ids = tokenizer.encode(haystack_text(), add_special_tokens=False)
@@ -46,9 +47,7 @@ def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     for i in range(count):
         start = (i * 7919) % max(len(ids) - length, 1)
         text = tokenizer.decode(ids[start:start + length - 40]) + f"\n\nRequest {i}: what is this text about?"
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-        out.append(tokenizer.encode(chat, add_special_tokens=False)[:length])
+        out.append(chat_ids(tokenizer, text)[:length])
     return out
 
 

@@ -89,6 +89,16 @@ def niah_prompt(tokenizer, spec: NeedleSpec, length: int, depth: float, haystack
     return tokenizer.encode(head, add_special_tokens=False), tokenizer.encode(tail, add_special_tokens=False)
 
 
+def chat_ids(tokenizer, user: str | list[dict]) -> list[int]:
+    """A chat prompt's token ids, ending with the generation prompt: one user
+    turn (``user`` a string) or a whole conversation (a list of messages)."""
+    if isinstance(user, str):
+        text = _chat(tokenizer, user)
+    else:
+        text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def _chat(tokenizer, user: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,

@@ -137,15 +137,12 @@ def _after_prefix_limit(result, req, input_len, *args, **kwargs):
 
 
 def _around_release(original, req, tree_cache, *args, **kwargs):
-    rt = _runtime
-    record = rt.records.get(req.rid) if rt is not None else None
     out = original(req, tree_cache, *args, **kwargs)
-    if rt is not None:
-        if record is not None and not req.finished():
-            # retracted: prefilled again later, from scratch, and then
-            # compressed again; its KV is exact until then
-            req.skip_radix_cache_insert = record.skip_radix_cache_insert
-        rt.release(req, tree_cache)
+    record = _runtime.release(req, tree_cache) if _runtime is not None else None
+    if record is not None and not req.finished():
+        # retracted: prefilled again later, from scratch, and then
+        # compressed again; its KV is exact until then
+        req.skip_radix_cache_insert = record.skip_radix_cache_insert
     return out
 
 

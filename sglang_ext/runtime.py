@@ -58,6 +58,7 @@ from kvpolicy.pipeline import Pipeline, compile_pipeline
 from kvpolicy.reference.attention import accumulated_attention
 from kvpolicy.reference.scores import LayerInputs
 from kvpolicy.sglang_ext.launch import request_policy
+from kvpolicy.sglang_ext.server import broken_invariants
 
 log = logging.getLogger("kvpolicy")
 
@@ -352,7 +353,7 @@ class Runtime:
             pos = forward_batch.positions
             forward_batch.positions = pos + torch.tensor(shift, dtype=pos.dtype, device=pos.device)
 
-    # -- bookkeeping ---------------------------------------------------------------
+    # -- bookkeeping and invariants --------------------------------------------------
 
     def release(self, req, tree) -> dict | None:
         """The request gave its KV back (SGLang's ``release_kv_cache`` ran, or
@@ -377,8 +378,6 @@ class Runtime:
         if record is not None and tree is not None and self.check:
             self.verify(tree)
         return record
-
-    # -- invariants ----------------------------------------------------------------
 
     def invariants(self, tree) -> dict:
         """What must hold whenever the scheduler is between steps.
@@ -426,12 +425,9 @@ class Runtime:
     def verify(self, tree) -> None:
         """:meth:`invariants`, logged as an error and counted if broken."""
         inv = self._invariants_or_error(tree)
-        if "error" in inv or (inv["tree_slots"] != inv["tree_evictable_plus_protected"] or inv["compressed_slots_in_tree"]
-                or inv["compressed_slots_shared"]):
+        if problems := broken_invariants(inv):
             self.totals["invariant_violations"] += 1
-            log.error("kvpolicy: invariant broken: %s", inv)
-
-    # -- bookkeeping ---------------------------------------------------------------
+            log.error("kvpolicy: invariant broken: %s (%s)", "; ".join(problems), inv)
 
     def _event(self, rid: str, event: str, **detail) -> None:
         self.events.append({"rid": rid, "event": event, **detail})

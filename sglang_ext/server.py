@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,14 +37,14 @@ def held_slots(state: dict) -> int:
     return state["max_total_num_tokens"] - state["available_slots"] - state["evictable_slots"] - state["protected_slots"]
 
 
-def invariant_problems(state: dict, *, idle: bool = False) -> list[str]:
-    """What is wrong with a :meth:`Server.kv_state` (empty: nothing): the
-    radix tree's accounting, compressed KV in the tree, violations the
-    server's own checks counted (``KVPOLICY_CHECK_INVARIANTS``); with
-    ``idle``, also any slot, record or capture a request still holds."""
-    inv, problems = state["invariants"], []
+def broken_invariants(inv: dict) -> list[str]:
+    """What is wrong with the scheduler's ``invariants``
+    (:meth:`kvpolicy.sglang_ext.runtime.Runtime.invariants`; empty: nothing):
+    the radix tree's accounting, compressed KV in the tree or shared. The
+    scheduler's own check (``KVPOLICY_CHECK_INVARIANTS``) and clients use it."""
     if "error" in inv:
         return [f"the server could not check its invariants: {inv['error']}"]
+    problems = []
     if inv["tree_slots"] != inv["tree_evictable_plus_protected"]:
         problems.append(f"the tree holds {inv['tree_slots']} slots but counts "
                         f"{inv['tree_evictable_plus_protected']} evictable + protected")
@@ -51,6 +52,17 @@ def invariant_problems(state: dict, *, idle: bool = False) -> list[str]:
         problems.append(f"{inv['compressed_slots_in_tree']} compressed slots are in the radix tree")
     if inv["compressed_slots_shared"]:
         problems.append(f"{inv['compressed_slots_shared']} slots are held by more than one compressed request")
+    return problems
+
+
+def invariant_problems(state: dict, *, idle: bool = False) -> list[str]:
+    """What is wrong with a :meth:`Server.kv_state` (empty: nothing):
+    :func:`broken_invariants`, violations the server's own checks counted;
+    with ``idle``, also any slot, record or capture a request still holds."""
+    inv = state["invariants"]
+    problems = broken_invariants(inv)
+    if "error" in inv:
+        return problems
     if state["totals"]["invariant_violations"]:
         problems.append(f"the server logged {state['totals']['invariant_violations']} invariant violations")
     if idle:
@@ -108,7 +120,8 @@ class Server:
         except json.JSONDecodeError:
             return {"message": raw.decode(errors="replace")}
 
-    def generate(self, input_ids: list[int], max_new_tokens: int = 16, rid: str | None = None, **params) -> dict:
+    def generate(self, input_ids: list[int], max_new_tokens: int = 16, rid: str | None = None, *,
+                 timeout: float = 600, **params) -> dict:
         """Greedy ``/generate`` on token ids; ``params`` go into the sampling
         parameters (``custom_params={"kv_policy": ...}`` picks a policy);
         ``rid`` names the request (for ``/abort_request`` and the events in
@@ -117,7 +130,13 @@ class Server:
         body = {"input_ids": list(input_ids), "sampling_params": sampling}
         if rid is not None:
             body["rid"] = rid
-        return self.request("/generate", body)
+        return self.request("/generate", body, timeout=timeout)
+
+    def generate_in_background(self, input_ids: list[int], max_new_tokens: int = 16, rid: str | None = None,
+                               **params) -> Background:
+        """:meth:`generate` on a thread (to cancel it, or to watch the
+        server while it runs)."""
+        return Background(self, list(input_ids), max_new_tokens, rid, params)
 
     def abort(self, rid: str) -> None:
         self.request("/abort_request", {"rid": rid})
@@ -187,6 +206,29 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Background:
+    """One :meth:`Server.generate` call running on a thread."""
+
+    def __init__(self, server: Server, input_ids: list[int], max_new_tokens: int, rid: str | None, params: dict):
+        self.reply: dict | list | None = None
+        self.thread = threading.Thread(target=self._run, args=(server, input_ids, max_new_tokens, rid, params),
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, server, input_ids, max_new_tokens, rid, params):
+        self.reply = server.generate(input_ids, max_new_tokens, rid=rid, **params)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def result(self, timeout: float = 600) -> dict | list:
+        """The reply (a list for ``n > 1``); :class:`ServerError` if none came in ``timeout``."""
+        self.thread.join(timeout)
+        if self.thread.is_alive() or self.reply is None:
+            raise ServerError(f"no reply within {timeout:.0f} s")
+        return self.reply
 
 
 def command(model: str | Path, *, policy: str | None = None, extra: list[str] = (), port: int) -> list[str]:

@@ -49,25 +49,26 @@ def plain_server(model_dir, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def ems_server(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ems")
+def ems10_server(model_dir, tmp, extra, env):
+    """A server with EMS at 10% as its launch policy and the strict checks on."""
     policy = tmp / "ems10.kvp"
     policy.write_text(EMS_10)
+    return srv.start(model_dir, tmp / "server.log", policy=str(policy), extra=extra,
+                     env={**srv.STRICT_CHECKS, **env})
+
+
+@pytest.fixture(scope="session")
+def ems_server(model_dir, tmp_path_factory):
     # chunks of 1024: the 1.5k-2k-token prompts below are prefilled in two
     # chunks, so capture across chunks is what these tests exercise
-    server = srv.start(model_dir, tmp / "server.log", policy=str(policy),
-                       extra=SERVER_FLAGS + ["--chunked-prefill-size", "1024"], env=srv.STRICT_CHECKS)
+    server = ems10_server(model_dir, tmp_path_factory.mktemp("ems"),
+                          SERVER_FLAGS + ["--chunked-prefill-size", "1024"], {})
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def pressure_server(model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pressure")
-    policy = tmp / "ems10.kvp"
-    policy.write_text(EMS_10)
-    server = srv.start(model_dir, tmp / "server.log", policy=str(policy), extra=PRESSURE_FLAGS,
-                       env={**srv.STRICT_CHECKS, **srv.OVERCOMMIT})
+    server = ems10_server(model_dir, tmp_path_factory.mktemp("pressure"), PRESSURE_FLAGS, srv.OVERCOMMIT)
     yield server
     server.stop()

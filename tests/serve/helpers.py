@@ -3,19 +3,15 @@ follow every case."""
 
 from __future__ import annotations
 
-from kvpolicy.evaluate import NeedleSpec
+from kvpolicy.evaluate import NeedleSpec, chat_ids
 from kvpolicy.haystack import haystack_text
 from kvpolicy.sglang_ext.server import invariant_problems
+
+__all__ = ["LISBON", "HangUp", "assert_healthy", "chat_ids", "hang_up_after", "hay", "stream_completion"]
 
 # A needle the 135M model retrieves from EMS's 10% cache at this length and
 # depth (its 7-digit numbers lose their digits when merged: README § Results).
 LISBON = NeedleSpec("Mary's favourite city is Lisbon.", "What is Mary's favourite city?", "Lisbon")
-
-
-def chat_ids(tokenizer, user: str | list[dict]) -> list[int]:
-    messages = [{"role": "user", "content": user}] if isinstance(user, str) else user
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def hay(tokenizer, n: int, offset: int = 0) -> str:

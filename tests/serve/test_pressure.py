@@ -11,7 +11,6 @@ Bigger versions of these cases run in ``bench/load.py`` and
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -22,23 +21,6 @@ from kvpolicy.registry import load
 from kvpolicy.sglang_ext.server import invariant_problems
 
 from .helpers import LISBON, assert_healthy, chat_ids, hay
-
-
-class Background:
-    """One ``/generate`` call on a thread; ``result()`` joins it."""
-
-    def __init__(self, server, ids, max_new_tokens, rid, **params):
-        self.reply = None
-        self.thread = threading.Thread(target=self._run, args=(server, ids, max_new_tokens, rid, params))
-        self.thread.start()
-
-    def _run(self, server, ids, max_new_tokens, rid, params):
-        self.reply = server.generate(ids, max_new_tokens, rid=rid, **params)
-
-    def result(self, timeout: float = 600) -> dict:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the request did not return"
-        return self.reply
 
 
 def kinds(events):
@@ -57,9 +39,9 @@ def long_prompt(tokenizer, offset):
 def test_cancel_while_queued(pressure_server, tokenizer):
     """Cancelled before it reaches the model: no capture, no slot, no trace."""
     server = pressure_server
-    blocker = Background(server, long_prompt(tokenizer, 30000), 4, "queued-blocker")
+    blocker = server.generate_in_background(long_prompt(tokenizer, 30000), 4, "queued-blocker")
     server.wait_for_event("queued-blocker", "capture")  # its first chunk ran: it holds the chunk budget
-    target = Background(server, long_prompt(tokenizer, 31000), 32, "queued-target")
+    target = server.generate_in_background(long_prompt(tokenizer, 31000), 32, "queued-target")
     time.sleep(0.3)
     server.abort("queued-target")
     reply = target.result()
@@ -75,7 +57,7 @@ def test_cancel_during_chunked_prefill(pressure_server, tokenizer):
     request's slots; nothing is compressed."""
     server = pressure_server
     dropped = server.kv_state()["totals"]["captures_dropped"]
-    target = Background(server, long_prompt(tokenizer, 32000), 32, "prefill-target")
+    target = server.generate_in_background(long_prompt(tokenizer, 32000), 32, "prefill-target")
     server.wait_for_event("prefill-target", "capture")
     server.abort("prefill-target")
     reply = target.result()
@@ -94,7 +76,8 @@ def test_cancel_a_compressed_request(pressure_server, tokenizer, phase):
     inserted."""
     server = pressure_server
     rid = "cancel-" + phase.replace(" ", "-")
-    target = Background(server, long_prompt(tokenizer, 33000 if phase == "during decode" else 34000), 200, rid)
+    ids = long_prompt(tokenizer, 33000 if phase == "during decode" else 34000)
+    target = server.generate_in_background(ids, 200, rid)
     events = server.wait_for_event(rid, "compressed")
     if phase == "during decode":
         time.sleep(3)
@@ -135,14 +118,15 @@ def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, mod
     z_first = server.generate(z, 4, custom_params={"kv_policy": "full"})
 
     full = {"custom_params": {"kv_policy": "full"}, "ignore_eos": True}
-    a = Background(server, chat_ids(tokenizer, hay(tokenizer, 180, offset=41000) + "\nGo on."), 300, "press-A", **full)
-    b = Background(server, chat_ids(tokenizer, hay(tokenizer, 180, offset=42000) + "\nGo on."), 300, "press-B", **full)
+    a_ids, b_ids = (chat_ids(tokenizer, hay(tokenizer, 180, offset=off) + "\nGo on.") for off in (41000, 42000))
+    a = server.generate_in_background(a_ids, 300, "press-A", **full)
+    b = server.generate_in_background(b_ids, 300, "press-B", **full)
     time.sleep(2)
     c_ids = chat_ids(tokenizer, hay(tokenizer, 420, offset=43000) + "\n\nWhat is this text about?")
     snap64 = {"kv_policy": "snapkv", "kv_budget": "64"}
-    c = Background(server, c_ids, 300, "press-C", custom_params=snap64, ignore_eos=True)
+    c = server.generate_in_background(c_ids, 300, "press-C", custom_params=snap64, ignore_eos=True)
     seen_problems = []
-    while c.thread.is_alive():
+    while c.alive():
         state = server.kv_state()
         seen_problems += invariant_problems(state)
         time.sleep(1)
@@ -192,9 +176,9 @@ def test_parallel_sampling_and_a_shared_prefix(plain_server, ems_server, tokeniz
     prompt = chat_ids(tokenizer, context + "\n\nWhat is this text about?")
     seen_before = {e["rid"] for e in server.kv_state()["events"]}
 
-    samples = Background(server, prompt, 24, None, temperature=0.8, n=3)
+    samples = server.generate_in_background(prompt, 24, None, temperature=0.8, n=3)
     problems, live = [], 0
-    while samples.thread.is_alive():
+    while samples.alive():
         state = server.kv_state()
         problems += invariant_problems(state)
         live = max(live, len(state["running"]))
@@ -210,8 +194,9 @@ def test_parallel_sampling_and_a_shared_prefix(plain_server, ems_server, tokeniz
     jobs = []
     for i, (q, cp) in enumerate(zip(questions, custom)):
         params = {"custom_params": cp} if cp else {}
-        jobs.append(Background(server, chat_ids(tokenizer, context + "\n\n" + q), 16, f"shared-{i}", **params))
-    while any(j.thread.is_alive() for j in jobs):
+        ids = chat_ids(tokenizer, context + "\n\n" + q)
+        jobs.append(server.generate_in_background(ids, 16, f"shared-{i}", **params))
+    while any(j.alive() for j in jobs):
         state = server.kv_state()
         problems += invariant_problems(state)
         live = max(live, len(state["running"]))

@@ -128,13 +128,10 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
             kind = "aborted"
         elif i % 7 == 5:  # cancelled by id, wherever it is (queued, prefilling, decoding)
             rid = f"leak-test-{i}"
-            thread = threading.Thread(target=ems_server.request, args=(
-                "/generate", {"input_ids": prompt, "rid": rid,
-                              "sampling_params": {"temperature": 0, "max_new_tokens": 32, **params}}))
-            thread.start()
+            request = ems_server.generate_in_background(prompt, 32, rid, **params)
             time.sleep(0.2 + (i % 3))
-            ems_server.request("/abort_request", {"rid": rid})
-            thread.join(600)
+            ems_server.abort(rid)
+            request.thread.join(600)
             kind = "aborted"
         else:
             reply = ems_server.generate(prompt, max_new, **params)
