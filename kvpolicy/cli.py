@@ -1,8 +1,10 @@
-"""``kvpolicy`` command line: check, fmt, explain.
+"""``kvpolicy`` command line: check, fmt, explain, serve, model, calibrate, eval.
 
 Exit status: 0 on success, 1 when a policy has an error (printed in the
-``file:line:col`` format) or ``fmt --check`` finds a file not in canonical
-form, 2 for bad command-line usage.
+``file:line:col`` format), ``fmt --check`` finds a file not in canonical
+form, or an evaluation cannot run on its input; 2 for bad command-line usage
+(an out-of-range number, a missing file: one line from the argument parser,
+never a traceback).
 """
 
 from __future__ import annotations
@@ -12,7 +14,57 @@ import difflib
 import sys
 from pathlib import Path
 
-from kvpolicy.errors import PolicyError
+from kvpolicy.errors import InputError, PolicyError
+
+
+# -- argument types: every numeric option is checked where it is parsed ------------------
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer ``>= low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed value, {low}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in ``[0, 1]`` (a depth in the context)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1")
+    return value
+
+
+def existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: '{text}'")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: '{text}'")
+    return text
+
+
+def nonempty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _read(path: str) -> str:
@@ -108,47 +160,57 @@ def cmd_model_prepare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from kvpolicy.artifacts import model_artifact_name
-    from kvpolicy.calibrate import calibrate_heads, calibrate_layers
-    from kvpolicy.models import ModelError, load_model
-    from kvpolicy.registry import load
+    from kvpolicy.models import ModelError
 
     try:
-        policy = load(args.policy) if args.what == "layers" else None
-        lm, tok, shape = load_model(args.model)
-    except (PolicyError, ModelError) as exc:
-        print(f"kvpolicy: {exc}" if isinstance(exc, ModelError) else exc, file=sys.stderr)
+        art, out = _run_calibration(args)
+    except (PolicyError, ModelError, InputError) as exc:
+        print(exc if isinstance(exc, PolicyError) else f"kvpolicy: {exc}", file=sys.stderr)
         return 1
-    if args.what == "heads":
-        art = calibrate_heads(lm, tok, shape, lengths=args.lengths, depths=args.depths,
-                              max_new_tokens=args.max_new_tokens)
-        out = args.out or model_artifact_name(shape.name, "retrieval_heads")
-        top = [row[:4] for row in art["ranked"]]
-        print(f"{art['calibration']['counted']} of {art['calibration']['trials']} probes answered; "
-              f"top-4 heads of the first layers: {top[:4]}")
-    else:
-        try:
-            art = calibrate_layers(lm, tok, shape, policy, budget=args.budget, length=args.length,
-                                   per_dataset=args.prompts, max_new_tokens=args.max_new_tokens)
-        except PolicyError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        out = args.out or model_artifact_name(shape.name, "layer_budgets")
-        print("layer shares: " + " ".join(f"{s:.3f}" for s in art["shares"]))
     _write_json(art, out)
     return 0
 
 
+def _run_calibration(args) -> tuple[dict, str]:
+    from kvpolicy.artifacts import model_artifact_name
+    from kvpolicy.calibrate import calibrate_heads, calibrate_layers
+    from kvpolicy.models import load_model
+    from kvpolicy.registry import load
+
+    policy = load(args.policy) if args.what == "layers" else None
+    lm, tok, shape = load_model(args.model)
+    if args.what == "heads":
+        art = calibrate_heads(lm, tok, shape, lengths=args.lengths, depths=args.depths,
+                              max_new_tokens=args.max_new_tokens)
+        top = [row[:4] for row in art["ranked"]]
+        print(f"{art['calibration']['counted']} of {art['calibration']['trials']} probes answered; "
+              f"top-4 heads of the first layers: {top[:4]}")
+        return art, args.out or model_artifact_name(shape.name, "retrieval_heads")
+    art = calibrate_layers(lm, tok, shape, policy, budget=args.budget, length=args.length,
+                           per_dataset=args.prompts, max_new_tokens=args.max_new_tokens)
+    print("layer shares: " + " ".join(f"{s:.3f}" for s in art["shares"]))
+    return art, args.out or model_artifact_name(shape.name, "layer_budgets")
+
+
 def cmd_eval(args) -> int:
-    from kvpolicy import evaluate as ev
-    from kvpolicy.models import ModelError, load_model
+    from kvpolicy.models import ModelError
 
     try:
-        batch = ev.entries(args.policy, args.budget)
-        lm, tok, shape = load_model(args.model)
-    except (PolicyError, ModelError) as exc:
-        print(f"kvpolicy: {exc}" if isinstance(exc, ModelError) else exc, file=sys.stderr)
+        result = _run_eval(args)
+    except (PolicyError, ModelError, InputError, OSError) as exc:
+        print(exc if isinstance(exc, PolicyError) else f"kvpolicy: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        _write_json(result, args.json)
+    return 0
+
+
+def _run_eval(args) -> dict:
+    from kvpolicy import evaluate as ev
+    from kvpolicy.models import load_model
+
+    batch = ev.entries(args.policy, args.budget)
+    lm, tok, shape = load_model(args.model)
     if args.task == "niah":
         spec = ev.NeedleSpec(args.needle, args.question, args.answer)
         needles = [spec] + [ev.NeedleSpec(spec.needle.replace(spec.answer, code), spec.question, code)
@@ -175,9 +237,8 @@ def cmd_eval(args) -> int:
         try:
             result = longbench(lm, tok, shape, batch, args.data, max_length=args.max_length,
                                max_new_tokens=args.max_new_tokens, limit=args.limit)
-        except (OSError, ValueError) as exc:
-            print(f"kvpolicy: {exc}", file=sys.stderr)
-            return 1
+        except ValueError as exc:  # a malformed data file: its name and line are in the message
+            raise InputError(str(exc)) from None
         print(ev.table(result))
     else:
         text = Path(args.text).read_text(encoding="utf-8") if args.text else None
@@ -188,9 +249,7 @@ def cmd_eval(args) -> int:
             print(f"{label:<24} ppl {ppl:8.3f}   ratio to full {ratio:6.3f}")
     result["model"] = shape.name
     result["policies"] = {e.label: e.policy.to_kvp() for e in batch}
-    if args.json:
-        _write_json(result, args.json)
-    return 0
+    return result
 
 
 def _codes(n: int) -> list[str]:
@@ -200,8 +259,16 @@ def _codes(n: int) -> list[str]:
     return [f"{rng.randrange(10**6, 10**7)}" for _ in range(n)]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``kvpolicy eval ppl: error: ...``
+    and where to read more, exit status 2 (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kvpolicy", description="KV-cache compression policies: check, format, explain.")
+    ap = _Parser(prog="kvpolicy", description="KV-cache compression policies: check, format, explain.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("check", help="parse and check policy files; errors as file:line:col")
@@ -218,11 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="print the compiled stages and the per-layer / per-head budgets")
     e.add_argument("policy", metavar="POLICY", help="a .kvp file or a shipped policy name (ems, snapkv, ...)")
-    e.add_argument("--layers", type=int, help="model layers (default: SmolLM2-135M's 30)")
-    e.add_argument("--kv-heads", type=int, help="KV heads per layer (default 3)")
-    e.add_argument("--q-heads", type=int, help="query heads per layer (default: 3x the KV heads)")
-    e.add_argument("--prompt-len", type=int, default=4096, help="prompt length in tokens (default 4096)")
-    e.add_argument("--model", help="model name, for its calibration artifacts (default: SmolLM2-135M-Instruct "
+    e.add_argument("--layers", type=positive_int, help="model layers (default: SmolLM2-135M's 30)")
+    e.add_argument("--kv-heads", type=positive_int, help="KV heads per layer (default 3)")
+    e.add_argument("--q-heads", type=positive_int, help="query heads per layer, a multiple of the KV heads "
+                                                         "(default: 3x the KV heads)")
+    e.add_argument("--prompt-len", type=positive_int, default=4096, help="prompt length in tokens (default 4096)")
+    e.add_argument("--model", type=nonempty, help="model name, for its calibration artifacts (default: SmolLM2-135M-Instruct "
                                    "when no shape is given)")
     e.set_defaults(run=cmd_explain)
 
@@ -241,18 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="CompressKV calibration: retrieval heads, layer budgets")
     csub = c.add_subparsers(dest="what", required=True, metavar="WHAT")
     ch = csub.add_parser("heads", help="score semantic retrieval heads with needle probes")
-    ch.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 1536, 2048], help="probe lengths in tokens")
-    ch.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths")
-    ch.add_argument("--max-new-tokens", type=int, default=32)
+    ch.add_argument("--lengths", type=positive_int, nargs="+", default=[512, 1024, 1536, 2048],
+                    help="probe lengths in tokens (default 512 1024 1536 2048)")
+    ch.add_argument("--depths", type=fraction, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                    help="needle depths, each between 0 and 1 (default 0.1 0.3 0.5 0.7 0.9)")
+    ch.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per probe (default 32)")
     cl = csub.add_parser("layers", help="layer budgets from measured eviction error")
-    cl.add_argument("--policy", default="compresskv", help="whose selection is measured (default compresskv)")
-    cl.add_argument("--budget", type=int, default=32, help="every layer's budget while measuring (paper: 32)")
-    cl.add_argument("--length", type=int, default=1536, help="prompt length in tokens")
-    cl.add_argument("--prompts", type=int, default=4, help="prompts per dataset")
-    cl.add_argument("--max-new-tokens", type=int, default=24)
+    cl.add_argument("--policy", type=nonempty, default="compresskv",
+                    help="whose selection is measured (default compresskv)")
+    cl.add_argument("--budget", type=positive_int, default=32,
+                    help="every layer's budget in tokens while measuring (paper and default: 32)")
+    cl.add_argument("--length", type=positive_int, default=1536, help="prompt length in tokens (default 1536)")
+    cl.add_argument("--prompts", type=positive_int, default=4, help="prompts per dataset (default 4)")
+    cl.add_argument("--max-new-tokens", type=positive_int, default=24,
+                    help="tokens generated per prompt (default 24)")
     for sp in (ch, cl):
-        sp.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-        sp.add_argument("--out", help="artifact path (default: <model>.heads.json / <model>.layers.json here)")
+        sp.add_argument("--model", type=existing_dir,
+                        help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--out", type=nonempty,
+                        help="artifact path (default: <model>.heads.json / <model>.layers.json here)")
         sp.set_defaults(run=cmd_calibrate)
 
     from kvpolicy.evaluate import NeedleSpec
@@ -260,42 +335,62 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="compare policies on the model: niah, ppl")
     esub = ev.add_subparsers(dest="task", required=True, metavar="TASK")
     en = esub.add_parser("niah", help="needle in a haystack over lengths x depths")
-    en.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
-    en.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    en.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096],
+                    help="prompt lengths in tokens (default 2048 4096)")
+    en.add_argument("--depths", type=fraction, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                    help="where the needle sits, each between 0 (start) and 1 (end) (default 0.1 0.3 0.5 0.7 0.9)")
     en.add_argument("--mode", choices=["query-aware", "context-only", "both"], default="both",
                     help="compress the question with the context, or the context first (default both)")
-    en.add_argument("--needle", default=NeedleSpec.needle)
-    en.add_argument("--question", default=NeedleSpec.question)
-    en.add_argument("--answer", default=NeedleSpec.answer, help="what a correct answer contains")
-    en.add_argument("--needles", type=int, default=1, help="needles tried per cell (more: other 7-digit codes)")
-    en.add_argument("--haystack", help="a text file to use instead of pydoc_data.topics")
-    en.add_argument("--max-new-tokens", type=int, default=24)
-    en.add_argument("--plot", help="write one heatmap PNG per policy and mode into this folder")
+    en.add_argument("--needle", type=nonempty, default=NeedleSpec.needle,
+                    help=f"the sentence hidden in the haystack (default: \"{NeedleSpec.needle}\")")
+    en.add_argument("--question", type=nonempty, default=NeedleSpec.question,
+                    help=f"what the model is asked after the haystack (default: \"{NeedleSpec.question}\")")
+    en.add_argument("--answer", type=nonempty, default=NeedleSpec.answer,
+                    help="what a correct answer contains; it must occur in --needle")
+    en.add_argument("--needles", type=positive_int, default=1,
+                    help="needles tried per cell (more: other 7-digit codes; default 1)")
+    en.add_argument("--haystack", type=existing_file, help="a text file to use instead of pydoc_data.topics")
+    en.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens generated per answer (default 24)")
+    en.add_argument("--plot", type=nonempty, help="write one heatmap PNG per policy and mode into this folder")
     ep = esub.add_parser("ppl", help="perplexity of a continuation after a compressed context")
-    ep.add_argument("--context", type=int, default=2048, help="compressed context tokens")
-    ep.add_argument("--target", type=int, default=256, help="scored continuation tokens")
-    ep.add_argument("--windows", type=int, default=3, help="stretches of text averaged")
-    ep.add_argument("--text", help="a text file to use instead of pydoc_data.topics")
+    ep.add_argument("--context", type=positive_int, default=2048, help="compressed context tokens (default 2048)")
+    ep.add_argument("--target", type=positive_int, default=256, help="scored continuation tokens (default 256)")
+    ep.add_argument("--windows", type=positive_int, default=3, help="stretches of text averaged (default 3)")
+    ep.add_argument("--text", type=existing_file, help="a text file to use instead of pydoc_data.topics")
     from kvpolicy.ruler import TASKS
 
     er = esub.add_parser("ruler", help="RULER-style synthetic tasks, generated offline with fixed seeds")
-    er.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    er.add_argument("--length", type=int, default=2048)
-    er.add_argument("--samples", type=int, default=3, help="prompts per task")
-    er.add_argument("--mode", choices=["query-aware", "context-only", "both"], default="query-aware")
-    er.add_argument("--max-new-tokens", type=int, default=32)
+    er.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which tasks (default: all)")
+    er.add_argument("--length", type=positive_int, default=2048, help="prompt length in tokens (default 2048)")
+    er.add_argument("--samples", type=positive_int, default=3, help="prompts per task (default 3)")
+    er.add_argument("--mode", choices=["query-aware", "context-only", "both"], default="query-aware",
+                    help="compress the question with the context, or the context first (default query-aware)")
+    er.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per answer (default 32)")
     el = esub.add_parser("longbench", help="LongBench-format jsonl files you supply, scored by their metrics")
-    el.add_argument("--data", required=True, help="a folder of <dataset>.jsonl files")
-    el.add_argument("--max-length", type=int, default=3500, help="prompt tokens (longer: cut in the middle)")
-    el.add_argument("--max-new-tokens", type=int, default=64)
-    el.add_argument("--limit", type=int, help="at most this many examples per dataset")
+    el.add_argument("--data", type=existing_dir, required=True, help="a folder of <dataset>.jsonl files")
+    el.add_argument("--max-length", type=_int_at_least(2), default=3500,
+                    help="prompt tokens (longer: cut in the middle; default 3500)")
+    el.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per answer (default 64)")
+    el.add_argument("--limit", type=positive_int, help="at most this many examples per dataset")
     for sp in (en, ep, er, el):
-        sp.add_argument("--policy", nargs="+", default=["full", "ems"], help="shipped names or .kvp files")
-        sp.add_argument("--budget", nargs="+", help="budgets to try each policy at (e.g. 2%% 5%% 256)")
-        sp.add_argument("--model", help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-        sp.add_argument("--json", help="write the raw results here")
+        sp.add_argument("--policy", type=nonempty, nargs="+", default=["full", "ems"],
+                        help="shipped names or .kvp files (default: full ems)")
+        sp.add_argument("--budget", type=nonempty, nargs="+",
+                        help="budgets to try each policy at (e.g. 2%% 5%% 256; default: each policy's own)")
+        sp.add_argument("--model", type=existing_dir,
+                        help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--json", type=nonempty, help="write the raw results here")
         sp.set_defaults(run=cmd_eval)
     return ap
+
+
+def _inconsistent(args) -> str | None:
+    """What the argument parser cannot see one option at a time."""
+    if args.command == "explain" and args.q_heads and args.kv_heads and args.q_heads % args.kv_heads:
+        return f"--q-heads {args.q_heads} is not a multiple of --kv-heads {args.kv_heads}"
+    if getattr(args, "task", None) == "niah" and args.answer not in args.needle:
+        return f"--answer '{args.answer}' does not occur in --needle '{args.needle}'"
+    return None
 
 
 def cmd_serve(args) -> int:
@@ -315,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # argparse would eat SGLang's flags
         return cmd_serve(argparse.Namespace(sglang_args=argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if problem := _inconsistent(args):
+        parser.error(problem)  # one line, exit status 2
     try:
         return args.run(args)
     except BrokenPipeError:  # `kvpolicy explain ems | head`: the reader left, nothing is wrong

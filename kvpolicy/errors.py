@@ -42,6 +42,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+class InputError(ValueError):
+    """Input an evaluation or a calibration cannot run on (a text shorter
+    than the span asked for, a probe with no room for its haystack): the
+    command line prints it as one line and exits 1."""
+
+
 class PolicyError(ValueError):
     """A policy that cannot be read, or that reads but makes no sense.
 

@@ -19,6 +19,7 @@ import torch
 
 from kvpolicy import ir
 from kvpolicy.budgets import ModelShape
+from kvpolicy.errors import InputError
 from kvpolicy.haystack import haystack_text
 from kvpolicy.hf import capture_needs, compress, decode, feed, prefill
 from kvpolicy.registry import load
@@ -194,7 +195,7 @@ def perplexity(lm, tokenizer, shape: ModelShape, batch: list[Entry], *, context:
     ids = tokenizer.encode(text or haystack_text(), add_special_tokens=False)
     span = context + target
     if len(ids) < span:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than context + target = {span}")
+        raise InputError(f"the text has {len(ids)} tokens, fewer than context + target = {span}")
     starts = [int(i * (len(ids) - span) / max(windows - 1, 1)) for i in range(windows)]
     nll = {e.label: 0.0 for e in batch}
     count = 0

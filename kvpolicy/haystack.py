@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from kvpolicy.errors import InputError
+
 
 @dataclass(frozen=True)
 class Needle:
@@ -56,7 +58,7 @@ def build_probe(tokenizer, needle: Needle, length: int, depth: float, *, offset:
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     room = length - len(bos) - len(needle_ids) - len(tail_ids)
     if room < 1:
-        raise ValueError(f"a {length}-token probe has no room for the haystack")
+        raise InputError(f"a {length}-token probe has no room for the haystack")
     start = offset % max(len(hay) - room, 1)
     body = hay[start:start + room]
     cut = int(round(depth * len(body)))

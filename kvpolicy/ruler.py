@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import random
 
+from kvpolicy.errors import InputError
+
 from kvpolicy.evaluate import Case, _chat
 from kvpolicy.haystack import haystack_text
 
@@ -50,7 +52,7 @@ def _case(tokenizer, context: str, question: str, expected, meta) -> Case:
 
 def make_cases(tokenizer, task: str, length: int, samples: int, seed: int = 0) -> list[Case]:
     if task not in TASKS:
-        raise ValueError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
+        raise InputError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
     cases = []
     for i in range(samples):
         rng = random.Random(f"{task}-{length}-{seed}-{i}")

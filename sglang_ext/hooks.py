@@ -150,8 +150,21 @@ def _after_internal_state(result, controller, *args, **kwargs):
     scheduler = controller.scheduler
     state = runtime().state(scheduler.token_to_kv_pool_allocator, scheduler.tree_cache)
     state["max_total_num_tokens"] = int(scheduler.max_total_num_tokens)
+    state["scheduler"] = scheduler_view(scheduler)
     result.internal_state["kvpolicy"] = state
     return result
+
+
+def scheduler_view(scheduler) -> dict:
+    """Where each request is, read between two scheduler steps: ``waiting``
+    (queued, not yet on the model), ``prefilling`` (a chunked prefill with
+    chunks to come) and ``running`` (prefilled, decoding: rid -> tokens
+    generated so far). What tests and the load harness wait on to act at a
+    chosen phase, instead of guessing it from elapsed time."""
+    chunked = scheduler.chunked_req
+    return {"waiting": [req.rid for req in scheduler.waiting_queue],
+            "prefilling": [chunked.rid] if chunked is not None else [],
+            "running": {req.rid: len(req.output_ids) for req in scheduler.running_batch.reqs}}
 
 
 def register() -> None:

@@ -141,21 +141,49 @@ class Server:
     def abort(self, rid: str) -> None:
         self.request("/abort_request", {"rid": rid})
 
+    def abort_all(self) -> None:
+        """Abort every request on the server (``n > 1`` samples get rids of
+        SGLang's choosing, so they cannot be aborted by the rid sent)."""
+        self.request("/abort_request", {"rid": "", "abort_all": True})
+
     def events(self, rid: str) -> list[dict]:
         """kvpolicy's events for one request (capture, compressed,
         not_compressed, released), oldest first."""
         return [e for e in self.kv_state().get("events", []) if e["rid"] == rid]
 
-    def wait_for_event(self, rid: str, event: str, timeout: float = 300) -> list[dict]:
-        """Poll until request ``rid`` has had ``event``; return its events."""
+    def wait_until(self, condition, what: str, timeout: float = 300, poll: float = 0.05) -> dict:
+        """Poll :meth:`kv_state` until ``condition(state)`` holds; return that
+        state. ``timeout`` is a generous upper bound, never a phase: running
+        past it raises :class:`ServerError` naming ``what`` was awaited."""
         deadline = time.monotonic() + timeout
         while True:
-            seen = self.events(rid)
-            if any(e["event"] == event for e in seen):
-                return seen
+            state = self.kv_state()
+            if condition(state):
+                return state
             if time.monotonic() > deadline:
-                raise ServerError(f"no '{event}' event for {rid} within {timeout:.0f} s; saw {seen}")
-            time.sleep(0.05)
+                state = {k: v for k, v in state.items() if k != "events"}
+                raise ServerError(f"waited {timeout:.0f} s for {what}; {held_slots(state)} slots held; "
+                                  f"last state: {state}")
+            time.sleep(poll)
+
+    def wait_for_event(self, rid: str, event: str, timeout: float = 300) -> list[dict]:
+        """Wait until request ``rid`` has had ``event``; return its events."""
+        def seen(state):
+            return any(e["rid"] == rid and e["event"] == event for e in state.get("events", []))
+        self.wait_until(seen, f"a '{event}' event of {rid}", timeout)
+        return self.events(rid)
+
+    def wait_queued(self, rid: str, timeout: float = 300) -> dict:
+        """Wait until request ``rid`` sits in the scheduler's waiting queue."""
+        return self.wait_until(lambda s: rid in s["scheduler"]["waiting"], f"{rid} to be queued", timeout)
+
+    def wait_decoded(self, rid: str, tokens: int, timeout: float = 300, unless=None) -> dict:
+        """Wait until request ``rid`` is decoding with at least ``tokens``
+        generated (read from the scheduler's running batch), or until
+        ``unless()`` holds (e.g. a background request that already ended)."""
+        def ready(state):
+            return state["scheduler"]["running"].get(rid, -1) >= tokens or (unless is not None and unless())
+        return self.wait_until(ready, f"{rid} to decode {tokens} tokens", timeout)
 
     def kv_state(self) -> dict:
         """The scheduler's kvpolicy state (``/server_info``): the policy, the
@@ -166,16 +194,15 @@ class Server:
     def flush_cache(self) -> None:
         self.request("/flush_cache", {})
 
-    def wait_idle(self, timeout: float = 120) -> dict:
-        """Poll :meth:`kv_state` until no request runs or holds a slot (or
-        ``timeout`` passes); return the last state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.kv_state()
-            idle = not state.get("running") and held_slots(state) == 0 and not state["invariants"].get("captures_pending")
-            if idle or time.monotonic() > deadline:
-                return state
-            time.sleep(0.5)
+    def wait_idle(self, timeout: float = 300) -> dict:
+        """Wait until no request runs, waits or holds a slot; return that
+        state (:class:`ServerError` past ``timeout``, with what was still held)."""
+        def idle(state):
+            sched = state.get("scheduler", {})
+            return (not state.get("running") and held_slots(state) == 0
+                    and not state["invariants"].get("captures_pending")
+                    and not sched.get("waiting") and not sched.get("running") and not sched.get("prefilling"))
+        return self.wait_until(idle, "the server to be idle", timeout, poll=0.2)
 
     def completion_chunks(self, prompt_ids: list[int], max_tokens: int, timeout: float = 600, **extra):
         """Stream a greedy OpenAI ``/v1/completions``: yields each parsed

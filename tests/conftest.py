@@ -23,6 +23,17 @@ layers uniform
 """
 
 
+#: the session fixtures that start real SGLang servers (tests/serve/conftest.py)
+SERVER_FIXTURES = {"plain_server", "ems_server", "pressure_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses a server is marked ``serve``."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.serve)
+
+
 @pytest.fixture
 def valid_text() -> str:
     return VALID

@@ -104,4 +104,4 @@ def test_console_script_and_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "kvpolicy", "explain", "snapkv"], capture_output=True, text=True)
     assert out.returncode == 0 and "policy snapkv" in out.stdout
     out = subprocess.run([sys.executable, "-m", "kvpolicy", "explain"], capture_output=True, text=True)
-    assert out.returncode == 2 and "usage:" in out.stderr
+    assert out.returncode == 2 and "error: the following arguments are required: POLICY" in out.stderr

@@ -30,6 +30,7 @@ def prepared(tmp_path_factory):
             os.environ["KVPOLICY_CACHE"] = old
 
 
+@pytest.mark.slow
 def test_prepared_model_loads_and_answers(prepared):
     from kvpolicy.models import load_model
 

@@ -21,10 +21,13 @@ from kvpolicy.sglang_ext.server import held_slots
 from .conftest import EMS_10, SERVER_FLAGS
 from .helpers import LISBON, HangUp, assert_healthy, chat_ids, hang_up_after, hay, stream_completion
 
+@pytest.mark.slow
 def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
     """A 2k-token needle prompt over the OpenAI API with EMS at 10%: the answer
     is right, and while it decodes the pool shows the request holding about
-    budget-many slots, not prompt-length many."""
+    budget-many slots, not prompt-length many. It decodes on purpose
+    (``ignore_eos``) well past the snapshot, so the snapshot sees it running."""
+    ems_server.flush_cache()  # nothing cached: the whole prompt is prefilled, in chunks
     context, question = niah_prompt(tokenizer, LISBON, 2048, 0.3)
     ids = context + question
     N = len(ids)
@@ -35,15 +38,18 @@ def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
         if n == 4:
             seen["state"] = ems_server.kv_state()
 
-    answer = stream_completion(ems_server, ids, 24, on_chunk=snapshot)
+    answer = stream_completion(ems_server, ids, 120, on_chunk=snapshot, ignore_eos=True)
     assert "Lisbon" in answer, answer
 
     state = seen["state"]
     (record,) = state["running"].values()
+    (decoded,) = state["scheduler"]["running"].values()
     assert record["prompt_tokens"] == N and record["slots_kept"] == B == round(0.1 * N)
     assert record["position_offset"] == N - B
-    # the pool's own counters: what is neither free nor in the tree is this request's
-    assert B <= held_slots(state) <= B + 24 < N // 5
+    # the pool's own counters: what is neither free nor in the tree is this
+    # request's: its B kept tokens and the ones it has decoded so far
+    assert 4 <= decoded < 120
+    assert B <= held_slots(state) <= B + decoded + 1 < N // 5
     # the uncompressed prompt stayed in the radix tree as evictable, exact cache
     assert record["slots_released_to_tree"] + record["slots_freed"] == N
     assert state["evictable_slots"] >= N - 1
@@ -78,6 +84,7 @@ def test_snapkv_served_equals_the_transformers_path(ems_server, tokenizer, model
     assert_healthy(ems_server, tokenizer)
 
 
+@pytest.mark.slow
 def test_radix_prefix_stays_exact_after_a_compressed_request(plain_server, ems_server, tokenizer):
     """Request 1 shares a long prefix with requests 2 and 3 and is compressed;
     2 (another question) and 3 (the next turn of 1's conversation) still hit
@@ -102,6 +109,7 @@ def test_radix_prefix_stays_exact_after_a_compressed_request(plain_server, ems_s
     assert_healthy(ems_server, tokenizer)
 
 
+@pytest.mark.slow
 def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
     ems_server.flush_cache()
     start = ems_server.wait_idle()
@@ -126,10 +134,11 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
             except HangUp:
                 pass
             kind = "aborted"
-        elif i % 7 == 5:  # cancelled by id, wherever it is (queued, prefilling, decoding)
+        elif i % 7 == 5:  # cancelled by id at a phase read from the server: at once, or 1 or 4 tokens in
             rid = f"leak-test-{i}"
             request = ems_server.generate_in_background(prompt, 32, rid, **params)
-            time.sleep(0.2 + (i % 3))
+            if i % 3:
+                ems_server.wait_decoded(rid, 1 if i % 3 == 1 else 4, unless=lambda: not request.alive())
             ems_server.abort(rid)
             request.thread.join(600)
             kind = "aborted"
@@ -154,6 +163,7 @@ BAD_POLICIES = [
 ]
 
 
+@pytest.mark.serve
 def test_bad_policy_exits_before_the_model_loads(model_dir, tmp_path):
     """Through SGLang's real launcher (one process start: about 40 s of imports here)."""
     path = tmp_path / "broken.kvp"
