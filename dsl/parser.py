@@ -31,6 +31,7 @@ from lark.exceptions import UnexpectedInput
 
 from kvpolicy import ir
 from kvpolicy.errors import Loc, PolicyError
+from kvpolicy.policies import shipped_names, shipped_path
 from kvpolicy.validate import Locator, Where, validate
 
 from kvpolicy.dsl.errors import translate
@@ -39,7 +40,7 @@ GRAMMAR = Path(__file__).with_name("grammar.lark")
 
 
 SCORE_TERMS = ("global", "local", "key_norm", "value_norm", "recency")
-NORMALIZERS = ("mean_align", "zscore", "rank")
+NORMALIZERS = ("mean_align", "max_align", "zscore", "rank")
 SCORE_FUNCTIONS = SCORE_TERMS + NORMALIZERS
 SCHEDULES = ("uniform", "pyramid", "adaptive")
 UNITS = ("head", "layer")
@@ -579,12 +580,8 @@ def _resolve(doc: Document, base: Path, stack: tuple) -> Document:
         path = Path(target).expanduser()
         path = path if path.is_absolute() else base / path
     else:
-        from kvpolicy.registry import shipped_path
-
         path = shipped_path(target)
         if path is None:
-            from kvpolicy.registry import shipped_names
-
             raise PolicyError.suggesting(
                 f"no shipped policy named '{target}'", target, shipped_names(),
                 file=where.file, loc=where.loc, text=where.text,

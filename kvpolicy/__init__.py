@@ -9,49 +9,71 @@ Layering (no upward imports): ``kvpolicy.dsl`` (text) -> ``kvpolicy.ir`` ->
 ``kvpolicy.compiler`` (plans) -> back ends (reference, kernels, SGLang).
 """
 
-from kvpolicy.compose import (
-    METHODS,
-    adakv,
-    adaptive,
-    as_budget,
-    avg_pool,
-    compresskv,
-    ems,
-    explicit,
-    full,
-    global_,
-    h2o,
-    key_norm,
-    local,
-    max_pool,
-    mean_align,
-    per_head,
-    per_layer,
-    policy,
-    pooled_heads,
-    pyramid,
-    pyramidkv,
-    rank,
-    recency,
-    retrieval,
-    similar,
-    snapkv,
-    streamingllm,
-    uniform,
-    value_norm,
-    with_pool,
-    with_window,
-    zscore,
+import importlib
+
+# The public names, each from the module that defines it. Loaded on first use
+# (PEP 562), so importing a lower layer (``kvpolicy.ir``, the executor, the
+# serving runtime) does not load the language's parser with the package.
+_COMPOSE = (
+    "METHODS",
+    "adakv",
+    "adaptive",
+    "as_budget",
+    "avg_pool",
+    "compresskv",
+    "ems",
+    "explicit",
+    "full",
+    "global_",
+    "h2o",
+    "key_norm",
+    "local",
+    "max_align",
+    "max_pool",
+    "mean_align",
+    "per_head",
+    "per_layer",
+    "policy",
+    "pooled_heads",
+    "pyramid",
+    "pyramidkv",
+    "rank",
+    "recency",
+    "retrieval",
+    "similar",
+    "snapkv",
+    "streamingllm",
+    "uniform",
+    "value_norm",
+    "with_pool",
+    "with_window",
+    "zscore",
 )
-from kvpolicy.errors import PolicyError
-from kvpolicy.ir import Policy
-from kvpolicy.registry import load, shipped_names
+_WHERE = {**{name: "kvpolicy.compose" for name in _COMPOSE}, "PolicyError": "kvpolicy.errors",
+          "Policy": "kvpolicy.combinators", "load": "kvpolicy.registry", "shipped_names": "kvpolicy.registry"}
+_SUBPACKAGES = ("dsl", "kernels", "policies", "reference", "sglang_ext")
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"kvpolicy.{name}")
+    else:
+        raise AttributeError(f"module 'kvpolicy' has no attribute '{name}'")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(__all__) | set(_SUBPACKAGES) | {"__version__"})
+
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "Policy", "PolicyError", "adakv", "adaptive", "as_budget", "avg_pool", "compresskv", "ems",
-    "explicit", "full", "global_", "h2o", "key_norm", "load", "local", "max_pool", "mean_align", "per_head",
+    "explicit", "full", "global_", "h2o", "key_norm", "load", "local", "max_align", "max_pool", "mean_align", "per_head",
     "per_layer", "policy", "pooled_heads", "pyramid", "pyramidkv", "rank", "recency", "retrieval", "shipped_names",
     "similar", "snapkv", "streamingllm", "uniform", "value_norm", "with_pool", "with_window", "zscore",
 ]

@@ -40,9 +40,9 @@ class ArtifactError(ValueError):
 
 def shipped_dir() -> Path:
     """Where the shipped policies and artifacts live (``kvpolicy.policies``)."""
-    from kvpolicy import policies
+    from kvpolicy.policies import FOLDER
 
-    return Path(policies.__file__).parent
+    return FOLDER
 
 
 def model_artifact_name(model: str, kind: str) -> str:

@@ -25,28 +25,10 @@ from dataclasses import replace
 
 from kvpolicy import ir
 from kvpolicy.errors import PolicyError
+from kvpolicy.combinators import Policy, as_budget
 from kvpolicy.validate import validate
 
 # --------------------------------------------------------------------------- budgets
-
-
-def as_budget(b: "ir.Budget | int | str") -> ir.Budget:
-    """``256`` or ``"256 tokens"`` -> tokens; ``"2%"`` -> 2 percent of the prompt;
-    any budget the language accepts, e.g. ``"5%, floor 128, cap 2048"``."""
-    if isinstance(b, ir.Budget):
-        return b
-    if isinstance(b, bool) or isinstance(b, float):
-        raise PolicyError(f"budget {b!r}: give tokens as an int (256) or a share as a string ('2%')")
-    if isinstance(b, int):
-        return ir.Budget(b, "tokens")
-    if isinstance(b, str):
-        if b.strip().isdigit():
-            return ir.Budget(int(b), "tokens")
-        from kvpolicy.dsl.parser import parse_budget
-
-        return parse_budget(b)
-    raise PolicyError(f"budget {b!r}: expected an int number of tokens or a string such as '256 tokens', "
-                      "'2%' or '5%, floor 128'")
 
 
 # --------------------------------------------------------------------------- score terms
@@ -88,6 +70,12 @@ def recency() -> ir.Recency:
 
 def mean_align(*terms) -> ir.Normalize:
     return ir.Normalize("mean_align", tuple(ir._as_expr(t) for t in terms))
+
+
+def max_align(*terms) -> ir.Normalize:
+    """``max_align(a, b, ...)``: each term rescaled to the first's mean, then
+    the largest per token."""
+    return ir.Normalize("max_align", tuple(ir._as_expr(t) for t in terms))
 
 
 def zscore(term) -> ir.Normalize:
@@ -136,9 +124,9 @@ def adaptive(artifact: str | None = None) -> ir.Adaptive:
 
 def policy(name: str, budget, *, description: str = "", keep: dict | None = None, scores: dict | None = None,
            select: ir.Selection | None = None, layers: ir.LayerSchedule = ir.Uniform(),
-           trigger: ir.Trigger = ir.Trigger()) -> ir.Policy:
+           trigger: ir.Trigger = ir.Trigger()) -> Policy:
     """A new policy from parts; checked like a parsed one."""
-    p = ir.Policy(
+    p = Policy(
         name=name,
         budget=as_budget(budget),
         description=description,
@@ -155,7 +143,7 @@ def policy(name: str, budget, *, description: str = "", keep: dict | None = None
 # --------------------------------------------------------------------------- method constructors
 
 
-def _shipped(name: str, budget) -> ir.Policy:
+def _shipped(name: str, budget) -> Policy:
     """The shipped policy ``name`` (already checked when read), at ``budget`` if given."""
     from kvpolicy.registry import load
 
@@ -178,35 +166,35 @@ def _map_local(p: ir.Policy, fn) -> tuple[ir.ScoreDef, ...]:
     return tuple(ir.ScoreDef(d.name, walk(d.expr)) for d in p.scores)
 
 
-def with_window(p: ir.Policy, window: int) -> ir.Policy:
+def with_window(p: ir.Policy, window: int) -> Policy:
     """Set the observation window: every ``local()`` term's window and the
     protected recent tokens (SnapKV-family methods keep their window)."""
-    return p._checked(
+    return Policy.of(p)._checked(
         scores=_map_local(p, lambda t: replace(t, window=window)),
         protect=replace(p.protect, recent=window),
     )
 
 
-def with_pool(p: ir.Policy, pool: ir.Pool | None) -> ir.Policy:
-    return p._checked(scores=_map_local(p, lambda t: replace(t, pool=pool)))
+def with_pool(p: ir.Policy, pool: ir.Pool | None) -> Policy:
+    return Policy.of(p)._checked(scores=_map_local(p, lambda t: replace(t, pool=pool)))
 
 
-def full() -> ir.Policy:
+def full() -> Policy:
     """The uncompressed cache."""
     return _shipped("full", None)
 
 
-def streamingllm(budget=None, *, sink: int | None = None) -> ir.Policy:
+def streamingllm(budget=None, *, sink: int | None = None) -> Policy:
     p = _shipped("streamingllm", budget)
     return p if sink is None else p.with_keep(sink=sink)
 
 
-def h2o(budget=None, *, recent: int | None = None) -> ir.Policy:
+def h2o(budget=None, *, recent: int | None = None) -> Policy:
     p = _shipped("h2o", budget)
     return p if recent is None else p.with_keep(recent=recent)
 
 
-def _windowed(name: str, budget, window, pool) -> ir.Policy:
+def _windowed(name: str, budget, window, pool) -> Policy:
     p = _shipped(name, budget)
     if window is not None:
         p = with_window(p, window)
@@ -215,28 +203,28 @@ def _windowed(name: str, budget, window, pool) -> ir.Policy:
     return p
 
 
-def snapkv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None) -> ir.Policy:
+def snapkv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None) -> Policy:
     return _windowed("snapkv", budget, window, pool)
 
 
-def pyramidkv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None, beta: float | None = None) -> ir.Policy:
+def pyramidkv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None, beta: float | None = None) -> Policy:
     p = _windowed("pyramidkv", budget, window, pool)
     return p if beta is None else p.with_layers(ir.Pyramid(float(beta)))
 
 
-def adakv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None, safeguard: float | None = None) -> ir.Policy:
+def adakv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None, safeguard: float | None = None) -> Policy:
     p = _windowed("adakv", budget, window, pool)
     return p if safeguard is None else p.with_selection(replace(p.selection, safeguard=safeguard))
 
 
-def ems(budget=None, *, window: int | None = None, threshold: float | None = None) -> ir.Policy:
+def ems(budget=None, *, window: int | None = None, threshold: float | None = None) -> Policy:
     p = _windowed("ems", budget, window, None)
     if threshold is not None:
         p = p.with_selection(replace(p.selection, merge=replace(p.selection.merge, threshold=float(threshold))))
     return p
 
 
-def compresskv(budget=None, *, window: int | None = None, top: int | None = None) -> ir.Policy:
+def compresskv(budget=None, *, window: int | None = None, top: int | None = None) -> Policy:
     p = _windowed("compresskv", budget, window, None)
     if top is not None:
         p = p._checked(scores=_map_local(p, lambda t: replace(t, heads=replace(t.heads, top=top))))

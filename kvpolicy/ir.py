@@ -18,14 +18,14 @@ Conventions (DESIGN § The language; METHODS notation):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Literal, Union
 
 BudgetUnit = Literal["tokens", "percent"]
 PoolKind = Literal["avg", "max"]
 GqaReduce = Literal["mean", "max"]
-GlobalNorm = Literal["sum", "mean"]
-NormalizeKind = Literal["mean_align", "zscore", "rank"]
+GlobalNorm = Literal["sum", "mean", "uniform"]
+NormalizeKind = Literal["mean_align", "max_align", "zscore", "rank"]
 SelectionUnit = Literal["head", "layer", "pooled"]
 MergeTarget = Literal["keys", "values"]
 MergeMetric = Literal["cosine", "dot", "l2"]
@@ -34,8 +34,8 @@ EvictInto = Literal["drop", "zero_class"]
 
 POOL_KINDS = ("avg", "max")
 GQA_REDUCES = ("mean", "max")
-GLOBAL_NORMS = ("sum", "mean")
-NORMALIZE_KINDS = ("mean_align", "zscore", "rank")
+GLOBAL_NORMS = ("sum", "mean", "uniform")
+NORMALIZE_KINDS = ("mean_align", "max_align", "zscore", "rank")
 MERGE_TARGETS = ("keys", "values")
 MERGE_METRICS = ("cosine", "dot", "l2")
 MERGE_WEIGHTS = ("score", "uniform")
@@ -169,8 +169,11 @@ class GlobalAttention(ScoreExpr):
     2306.14048, "heavy hitters"). ``norm="mean"`` divides by the number of
     queries that can see key ``j`` (``T - j``), removing the causal bias that
     makes early tokens collect more (EMS, arXiv 2412.08521, global score; the
-    exact normalisation is our reading). Computed block by block; never an
-    N x N matrix.
+    exact normalisation is our reading). ``norm="uniform"`` divides instead by
+    what key ``j`` would collect if every query spread its attention evenly
+    over the keys it can see, ``sum_{i >= j} 1 / (i + 1)``: the ratio of
+    observed to causally expected attention (a second reading of the same
+    correction). Computed block by block; never an N x N matrix.
     """
 
     norm: GlobalNorm = "sum"
@@ -231,6 +234,9 @@ class Normalize(ScoreExpr):
     * ``mean_align(a, b, ...)``: rescale each term to the first term's mean
       over the scored tokens, then add (EMS's global-local combination; the
       exact rule is our reading, see ``policies/ems.kvp``).
+    * ``max_align(a, b, ...)``: rescale the same way, then take the largest
+      per token: a token is kept when either score ranks it high (the
+      ``s_Glo-Loc = max(...)`` of EMS's public reviews).
     * ``zscore(a)``: ``(a - mean) / std`` per head.
     * ``rank(a)``: the token's rank within its head, scaled to [0, 1].
     """
@@ -379,10 +385,12 @@ def group_overrides(overrides) -> tuple[LayerOverride, ...]:
 # --------------------------------------------------------------------------- policy
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Policy:
-    """A whole policy. Build one with :mod:`kvpolicy.compose`, or read one with
-    :func:`kvpolicy.load`; print one with :meth:`to_kvp`."""
+    """A whole policy, as data. Users hold :class:`kvpolicy.combinators.Policy`
+    (this, plus the combinators and printing) from :func:`kvpolicy.load` and
+    :mod:`kvpolicy.compose`; the parser and the wire format give this class.
+    Equality and hashing are by the fields, whichever of the two classes."""
 
     name: str
     budget: Budget
@@ -401,56 +409,13 @@ class Policy:
                 return d.expr
         raise KeyError(name)
 
-    # combinators: each returns a new, validated policy -------------------------
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if f.compare)
 
-    def with_budget(self, budget: "Budget | int | str") -> "Policy":
-        from kvpolicy.compose import as_budget
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return self._key() == other._key()
 
-        return self._checked(budget=as_budget(budget))
-
-    def with_layers(self, schedule: LayerSchedule) -> "Policy":
-        return self._checked(layers=schedule)
-
-    def with_keep(self, sink: int | None = None, recent: int | None = None) -> "Policy":
-        p = self.protect
-        return self._checked(protect=Protect(p.sink if sink is None else sink, p.recent if recent is None else recent))
-
-    def with_score(self, name: str, expr: "ScoreExpr | str") -> "Policy":
-        """Define or replace ``score name = expr``."""
-        d = ScoreDef(name, _as_expr(expr))
-        names = [s.name for s in self.scores]
-        scores = tuple(d if s.name == name else s for s in self.scores) if name in names else self.scores + (d,)
-        return self._checked(scores=scores)
-
-    def with_selection(self, selection: Selection) -> "Policy":
-        return self._checked(selection=selection)
-
-    def with_trigger(self, prefill: bool = True, decode_every: int | None = None) -> "Policy":
-        return self._checked(trigger=Trigger(prefill, decode_every))
-
-    def with_override(self, layers, budget: "Budget | int | str") -> "Policy":
-        """Give ``layers`` (an int, iterable or range) their own budget;
-        ``with_override(range(2), "100%")`` keeps everything in the first two."""
-        from kvpolicy.compose import as_budget
-
-        idx = {layers} if isinstance(layers, int) else set(layers)
-        kept = [LayerOverride(tuple(i for i in o.layers if i not in idx), o.budget) for o in self.overrides]
-        singles = [LayerOverride((i,), o.budget) for o in kept for i in o.layers]
-        singles += [LayerOverride((i,), as_budget(budget)) for i in idx]
-        return self._checked(overrides=group_overrides(singles))
-
-    def with_name(self, name: str, description: str | None = None) -> "Policy":
-        return self._checked(name=name, description=self.description if description is None else description)
-
-    def _checked(self, **changes) -> "Policy":
-        from kvpolicy.validate import validate
-
-        p = replace(self, **changes)
-        validate(p)
-        return p
-
-    def to_kvp(self) -> str:
-        """The canonical ``.kvp`` text of this policy."""
-        from kvpolicy.dsl.formatter import format_policy
-
-        return format_policy(self)
+    def __hash__(self) -> int:
+        return hash(self._key())

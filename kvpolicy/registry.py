@@ -4,22 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvpolicy import ir
-from kvpolicy.artifacts import shipped_dir
 from kvpolicy.errors import PolicyError
+from kvpolicy.policies import shipped_names, shipped_path
+from kvpolicy.combinators import Policy
+
+__all__ = ["load", "shipped_names", "shipped_path"]
 
 
-def shipped_names() -> list[str]:
-    """Names of the policies shipped in ``kvpolicy.policies`` (``ems``, ``snapkv`` ...)."""
-    return sorted(p.stem for p in shipped_dir().glob("*.kvp"))
-
-
-def shipped_path(name: str) -> Path | None:
-    path = shipped_dir() / f"{name}.kvp"
-    return path if path.is_file() else None
-
-
-def load(name_or_path: str | Path) -> ir.Policy:
+def load(name_or_path: str | Path) -> Policy:
     """``load("ems")`` reads a shipped policy; ``load("my.kvp")`` reads a file.
 
     A string naming an existing file, or ending in ``.kvp``, or containing a
@@ -30,8 +22,8 @@ def load(name_or_path: str | Path) -> ir.Policy:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if isinstance(name_or_path, Path) or path.is_file() or text.endswith(".kvp") or "/" in text:
-        return parse_file(path)
+        return Policy.of(parse_file(path))
     shipped = shipped_path(text)
     if shipped is None:
         raise PolicyError.suggesting(f"no shipped policy named '{text}' and no such file", text, shipped_names())
-    return parse_file(shipped)
+    return Policy.of(parse_file(shipped))

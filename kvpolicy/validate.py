@@ -150,9 +150,10 @@ class _Checker:
                     raise self.fail(f"weight {w} is not a finite number", key)
                 self.expr(t, owner, defined)
         elif isinstance(e, ir.Normalize):
-            want = "at least two terms" if e.kind == "mean_align" else "exactly one term"
+            combines = e.kind in ("mean_align", "max_align")
+            want = "at least two terms" if combines else "exactly one term"
             n = len(e.args)
-            if (e.kind == "mean_align" and n < 2) or (e.kind != "mean_align" and n != 1):
+            if (combines and n < 2) or (not combines and n != 1):
                 raise self.fail(f"{e.kind}() takes {want}, got {n}", f"{key}:{e.kind}")
             for a in e.args:
                 self.expr(a, owner, defined)

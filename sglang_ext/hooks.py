@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 
-from kvpolicy.sglang_ext import launch
+from kvpolicy.sglang_ext import handoff
 
 log = logging.getLogger("kvpolicy")
 
@@ -60,10 +60,10 @@ def runtime():
     """The scheduler process's :class:`~kvpolicy.sglang_ext.runtime.Runtime`."""
     global _runtime
     if _runtime is None:
-        from kvpolicy.registry import load
+        from kvpolicy import wire
         from kvpolicy.sglang_ext.runtime import Runtime
 
-        _runtime = Runtime(load(os.environ[launch.ENV_POLICY]))
+        _runtime = Runtime(wire.loads(os.environ[handoff.ENV_POLICY_IR]))
     return _runtime
 
 
@@ -71,27 +71,37 @@ def runtime():
 
 
 def _after_add_cli_args(result, parser, *args, **kwargs):
+    from kvpolicy.sglang_ext import launch
+
     launch.add_flag(parser)
     return result
 
 
 def _around_prepare_server_args(original, argv, *args, **kwargs):
+    from kvpolicy.sglang_ext import launch
+
     server_args = original(argv, *args, **kwargs)
     launch.prepare(list(argv), server_args)
     return server_args
 
 
 def _before_validate_request(manager, obj, *args, **kwargs):
-    spec = os.environ.get(launch.ENV_POLICY)
+    spec = os.environ.get(handoff.ENV_POLICY)
     params = getattr(obj, "sampling_params", None)
     if not spec or not isinstance(params, dict):
         return None
     from kvpolicy.errors import PolicyError
+    from kvpolicy.sglang_ext import launch
 
+    custom = params.get("custom_params")
+    if isinstance(custom, dict):
+        custom.pop(handoff.REQUEST_IR, None)  # only this process writes it
     try:
-        launch.request_policy(_server_policy(spec), params.get("custom_params"))
+        policy = launch.request_policy(_server_policy(spec), custom)
     except PolicyError as exc:
         raise ValueError(f"kvpolicy: {exc}") from None
+    if handoff.names_a_policy(custom):
+        handoff.attach(custom, policy)
     return None
 
 
@@ -174,7 +184,7 @@ def register() -> None:
     HookRegistry.register(LAUNCH_TARGETS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
     HookRegistry.register(LAUNCH_TARGETS["prepare_server_args"], _around_prepare_server_args, HookType.AROUND)
     HookRegistry.register(LAUNCH_TARGETS["validate_request"], _before_validate_request, HookType.BEFORE)
-    if not os.environ.get(launch.ENV_POLICY):
+    if not os.environ.get(handoff.ENV_POLICY_IR):
         return
     HookRegistry.register(RUNTIME_TARGETS["forward_batch"], _after_forward_batch, HookType.AFTER)
     HookRegistry.register(RUNTIME_TARGETS["attention"], _after_attention, HookType.AFTER)

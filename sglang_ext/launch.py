@@ -2,10 +2,11 @@
 model loads, check that the server's own flags leave room for it, and hand it
 to the processes SGLang spawns.
 
-The hand-off is one environment variable (:data:`ENV_POLICY`) holding the
-policy's path or shipped name; SGLang starts its scheduler processes after
-argument parsing, so they inherit it, and the plugin installs the compression
-hooks there when it sees it (:mod:`kvpolicy.sglang_ext.hooks`).
+The hand-off is two environment variables (:mod:`kvpolicy.sglang_ext.handoff`):
+the policy's path or shipped name, and its checked IR as JSON; SGLang starts
+its scheduler processes after argument parsing, so they inherit both, and the
+plugin installs the compression hooks there when it sees them
+(:mod:`kvpolicy.sglang_ext.hooks`). The schedulers never parse.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-from kvpolicy import ir
+from kvpolicy import ir, wire
 from kvpolicy.errors import PolicyError
 from kvpolicy.registry import load, shipped_names
+from kvpolicy.sglang_ext.handoff import ENV_POLICY, ENV_POLICY_IR, REQUEST_BUDGET, REQUEST_POLICY
 
-ENV_POLICY = "KVPOLICY_SERVE_POLICY"
 FLAG = "--kv-policy"
 HELP = ("kvpolicy: compress each request's KV cache in SGLang's pool after its prefill with this policy "
         "(a .kvp file or a shipped name: ems, snapkv, h2o, streamingllm, full). "
@@ -76,10 +77,6 @@ def servable(policy: ir.Policy) -> None:
             "(rank-slot layout); use a uniform per-head or per-layer policy "
             "(ems, snapkv, h2o, streamingllm), or evaluate this one with `kvpolicy eval`",
             file=policy.source)
-
-
-REQUEST_POLICY = "kv_policy"  # custom_params keys a request may set
-REQUEST_BUDGET = "kv_budget"
 
 
 def request_policy(default: ir.Policy, custom_params) -> ir.Policy:
@@ -158,6 +155,7 @@ def prepare(argv: list[str], server_args) -> None:
     spec = policy_arg(argv)
     if spec is None:
         os.environ.pop(ENV_POLICY, None)
+        os.environ.pop(ENV_POLICY_IR, None)
         return
     try:
         policy = load(spec)
@@ -168,6 +166,7 @@ def prepare(argv: list[str], server_args) -> None:
               file=sys.stderr)
         sys.exit(2)
     os.environ[ENV_POLICY] = resolve(spec)
+    os.environ[ENV_POLICY_IR] = wire.dumps(policy)
     log.info("kvpolicy: serving with policy '%s' (%s)", policy.name, os.environ[ENV_POLICY])
     for line in changed:
         log.info("kvpolicy: %s", line)

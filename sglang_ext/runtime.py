@@ -57,8 +57,8 @@ from kvpolicy.errors import PolicyError
 from kvpolicy.pipeline import Pipeline, compile_pipeline
 from kvpolicy.reference.attention import accumulated_attention
 from kvpolicy.reference.scores import LayerInputs
-from kvpolicy.sglang_ext.launch import request_policy
-from kvpolicy.sglang_ext.server import broken_invariants
+from kvpolicy.sglang_ext.handoff import request_policy
+from kvpolicy.sglang_ext.invariants import broken_invariants
 
 log = logging.getLogger("kvpolicy")
 
@@ -118,6 +118,7 @@ class Runtime:
         # not_compressed / released (finished or retracted, compressed or mid-capture)
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
         self.check = os.environ.get(ENV_CHECK, "") not in ("", "0")
+        self._refused: set[str] = set()  # rids whose own policy could not be read (logged once)
 
     # -- setup -----------------------------------------------------------------
 
@@ -129,17 +130,25 @@ class Runtime:
             self.shape = ModelShape(hf.num_hidden_layers, hf.num_key_value_heads or hf.num_attention_heads,
                                     hf.num_attention_heads, name=getattr(hf, "_name_or_path", None))
 
-    def policy_for(self, req) -> ir.Policy:
+    def policy_for(self, req) -> ir.Policy | None:
         """The server's policy, or the one the request's ``custom_params``
-        name (checked with a 400 before the request got here)."""
-        return request_policy(self.policy, getattr(req.sampling_params, "custom_params", None))
+        name (resolved, with a 400 for a bad one, by the HTTP process before
+        the request got here: :mod:`kvpolicy.sglang_ext.handoff`); ``None``
+        (served exact, logged once) when that resolution is missing."""
+        try:
+            return request_policy(self.policy, getattr(req.sampling_params, "custom_params", None))
+        except PolicyError as exc:
+            if req.rid not in self._refused:
+                self._refused.add(req.rid)
+                log.error("kvpolicy: rid=%s is served exact: %s", req.rid, exc)
+            return None
 
-    def compresses(self, policy: ir.Policy, prompt_len: int) -> Pipeline | None:
+    def compresses(self, policy: ir.Policy | None, prompt_len: int) -> Pipeline | None:
         """The pipeline for a prompt of this length, or ``None`` when the
         policy keeps every token (no selection, or a budget >= the prompt).
         Cached: the scheduler asks (through :meth:`prefix_limit`) for every
         waiting request on every scheduling pass."""
-        if policy.selection is None or self.shape is None:
+        if policy is None or policy.selection is None or self.shape is None:
             return None
         key = (policy, prompt_len)
         if key not in self._pipelines:

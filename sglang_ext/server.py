@@ -20,6 +20,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvpolicy.sglang_ext.invariants import broken_invariants, held_slots, invariant_problems
+
+__all__ = ["Background", "OVERCOMMIT", "STRICT_CHECKS", "Server", "ServerError", "broken_invariants", "command",
+           "free_port", "held_slots", "invariant_problems", "start"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,49 +34,6 @@ def free_port() -> int:
 
 class ServerError(RuntimeError):
     pass
-
-
-def held_slots(state: dict) -> int:
-    """Slots of a :meth:`Server.kv_state` that are neither free nor cached by
-    the radix tree: the ones requests hold."""
-    return state["max_total_num_tokens"] - state["available_slots"] - state["evictable_slots"] - state["protected_slots"]
-
-
-def broken_invariants(inv: dict) -> list[str]:
-    """What is wrong with the scheduler's ``invariants``
-    (:meth:`kvpolicy.sglang_ext.runtime.Runtime.invariants`; empty: nothing):
-    the radix tree's accounting, compressed KV in the tree or shared. The
-    scheduler's own check (``KVPOLICY_CHECK_INVARIANTS``) and clients use it."""
-    if "error" in inv:
-        return [f"the server could not check its invariants: {inv['error']}"]
-    problems = []
-    if inv["tree_slots"] != inv["tree_evictable_plus_protected"]:
-        problems.append(f"the tree holds {inv['tree_slots']} slots but counts "
-                        f"{inv['tree_evictable_plus_protected']} evictable + protected")
-    if inv["compressed_slots_in_tree"]:
-        problems.append(f"{inv['compressed_slots_in_tree']} compressed slots are in the radix tree")
-    if inv["compressed_slots_shared"]:
-        problems.append(f"{inv['compressed_slots_shared']} slots are held by more than one compressed request")
-    return problems
-
-
-def invariant_problems(state: dict, *, idle: bool = False) -> list[str]:
-    """What is wrong with a :meth:`Server.kv_state` (empty: nothing):
-    :func:`broken_invariants`, violations the server's own checks counted;
-    with ``idle``, also any slot, record or capture a request still holds."""
-    inv = state["invariants"]
-    problems = broken_invariants(inv)
-    if "error" in inv:
-        return problems
-    if state["totals"]["invariant_violations"]:
-        problems.append(f"the server logged {state['totals']['invariant_violations']} invariant violations")
-    if idle:
-        if held_slots(state):
-            problems.append(f"{held_slots(state)} slots are still held")
-        if state["running"] or inv["captures_pending"] or state["protected_slots"]:
-            problems.append(f"still running: {sorted(state['running'])}, captures pending: "
-                            f"{inv['captures_pending']}, protected slots: {state['protected_slots']}")
-    return problems
 
 
 #: SGLang's own allocator checks, every scheduler step: free + cached + held

@@ -30,7 +30,8 @@ def exprs(defined: list[str], max_window: int):
     def extend(children):
         return st.one_of(
             st.lists(st.tuples(weights, children), min_size=1, max_size=3).map(lambda t: ir.WeightedSum(tuple(t))),
-            st.lists(children, min_size=2, max_size=3).map(lambda a: ir.Normalize("mean_align", tuple(a))),
+            st.builds(lambda k, a: ir.Normalize(k, tuple(a)), st.sampled_from(["mean_align", "max_align"]),
+                      st.lists(children, min_size=2, max_size=3)),
             st.builds(lambda k, a: ir.Normalize(k, (a,)), st.sampled_from(["zscore", "rank"]), children),
         )
 

@@ -103,10 +103,20 @@ def global_term(term: ir.GlobalAttention, ctx: ScoreContext) -> Tensor:
     if acc is None:
         raise ValueError("global() needs the accumulated attention")
     acc = acc.float()
+    N = acc.shape[1]
     if term.norm == "mean":
-        N = acc.shape[1]
         acc = acc / torch.arange(N, 0, -1, device=acc.device, dtype=acc.dtype)
+    elif term.norm == "uniform":
+        acc = acc / uniform_causal_attention(N, acc.device)
     return to_kv_heads(acc, term, ctx)
+
+
+def uniform_causal_attention(N: int, device=None) -> Tensor:
+    """``[N]``: what key ``j`` collects from queries ``i >= j`` when each
+    query spreads its attention evenly over the ``i + 1`` keys it sees,
+    ``sum_{i=j}^{N-1} 1 / (i + 1)`` (``global(norm=uniform)``)."""
+    inv = 1.0 / torch.arange(1, N + 1, dtype=torch.float64, device=device)
+    return inv.flip(0).cumsum(0).flip(0).to(torch.float32)
 
 
 def _masked_stats(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,13 +129,15 @@ def _masked_stats(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 def normalize(term: ir.Normalize, args: list[Tensor], ctx: ScoreContext) -> Tensor:
     mask = ctx.candidates
-    if term.kind == "mean_align":
-        # rescale every term to the first term's mean over the candidates, then add
+    if term.kind in ("mean_align", "max_align"):
+        # rescale every term to the first term's mean over the candidates,
+        # then add them (mean_align) or take the largest per token (max_align)
         ref, _ = _masked_stats(args[0], mask)
         out = args[0].clone()
         for a in args[1:]:
             mean, _ = _masked_stats(a, mask)
-            out = out + a * (ref / mean.where(mean.abs() > EPS, torch.ones_like(mean)))
+            aligned = a * (ref / mean.where(mean.abs() > EPS, torch.ones_like(mean)))
+            out = out + aligned if term.kind == "mean_align" else torch.maximum(out, aligned)
         return out
     (a,) = args
     if term.kind == "zscore":

@@ -73,6 +73,26 @@ def test_global_mean_divides_by_the_queries_that_see_each_key():
     assert evaluate(ir.GlobalAttention(), ctx).tolist() == [[4.0, 3.0, 2.0, 1.0]]
 
 
+def test_global_uniform_divides_by_the_causally_expected_attention():
+    # N=4, each query i spreads evenly over its i+1 keys: key 3 expects 1/4,
+    # key 2 1/3 + 1/4, key 1 1/2 + 1/3 + 1/4, key 0 1 + 1/2 + 1/3 + 1/4
+    expected = [25 / 12, 13 / 12, 7 / 12, 3 / 12]
+    acc = torch.tensor([expected]) * torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    ctx = ScoreContext(LayerInputs(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2), accumulated=acc), 1,
+                       torch.ones(4, dtype=torch.bool))
+    torch.testing.assert_close(evaluate(ir.GlobalAttention(norm="uniform"), ctx), torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+
+
+def test_max_align_keeps_the_larger_aligned_score():
+    # a has mean 2 over the candidates; b (mean 20) aligned to it is b / 10 = [3, 1, 2, 0.5]
+    a = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    b = torch.tensor([[30.0, 10.0, 20.0, 5.0]])
+    cand = torch.tensor([True, True, True, False])
+    ctx = ScoreContext(LayerInputs(torch.zeros(1, 4, 2), torch.zeros(1, 4, 2)), 1, cand, named={"a": a, "b": b})
+    out = evaluate(ir.Normalize("max_align", (ir.ScoreRef("a"), ir.ScoreRef("b"))), ctx)
+    torch.testing.assert_close(out, torch.tensor([[3.0, 2.0, 3.0, 100.0]]))
+
+
 def test_normalisers_use_candidate_statistics():
     a = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     cand = torch.tensor([True, True, True, False])
