@@ -1,6 +1,6 @@
 # Two entry points, each idempotent on a fresh clone:
 #   make demo   install everything, then run the main job
-#   make test   install everything, then run the test suite
+#   make test   install everything, then lint (ruff) and run the test suite
 # The virtual environment lives in .venv; it is rebuilt when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -39,6 +39,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collected no tests: that is a failure, said plainly.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc

@@ -38,10 +38,18 @@ per head {
 """
 
 
-def reading(name: str, global_term: str, combine: str, description: str) -> str:
+NO_MERGE_TAIL = """
+per head {
+  keep top importance
+  evict rest
+}
+"""
+
+
+def reading(name: str, global_term: str, combine: str, description: str, merge: bool = True) -> str:
     return (f'policy {name}\ndescription "{description}"\nbudget 10%\nkeep sink 4, recent 32\n'
             f"score g = {global_term}\nscore l = local(window=32, pool=max(7))\n"
-            f"score importance = {combine}(g, l)\n{EMS_TAIL}")
+            f"score importance = {combine}(g, l)\n{EMS_TAIL if merge else NO_MERGE_TAIL}")
 
 
 READINGS = {
@@ -78,6 +86,8 @@ def main(argv=None) -> int:
                     help="which EMS readings (default: all)")
     ap.add_argument("--baselines", nargs="*", default=["snapkv", "streamingllm"],
                     help="shipped policies run beside them (default snapkv streamingllm)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="the readings without EMS's merge rule (keep top, evict the rest): the score alone")
     ap.add_argument("--extra", nargs="*", default=[], help=".kvp files run beside them")
     ap.add_argument("--needles", type=int, default=len(NEEDLES), choices=range(1, len(NEEDLES) + 1),
                     help=f"how many of the {len(NEEDLES)} needles (a 7-digit code, a one-word answer; default all)")
@@ -96,7 +106,9 @@ def main(argv=None) -> int:
     if not haystack.is_file():
         print(f"no haystack at {haystack}: pass --haystack FILE", file=sys.stderr)
         return 2
-    policies = [parse(READINGS[r], f"<{r}>") for r in args.readings]
+    texts = {r: READINGS[r] if not args.no_merge else READINGS[r].replace(EMS_TAIL, NO_MERGE_TAIL)
+             for r in args.readings}
+    policies = [parse(texts[r], f"<{r}>") for r in args.readings]
     policies += [load(name) for name in args.baselines] + [load(path) for path in args.extra]
     batch = [ev.Entry("full", load("full"))]
     batch += [ev.Entry(f"{p.name}@{b}", p.with_budget(as_budget(b))) for p in policies for b in args.budgets]
@@ -125,7 +137,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "cases_per_cell": total, "found": table,
-                               "readings": READINGS, "cases": cases}, indent=1) + "\n")
+                               "readings": texts, "cases": cases}, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
 

@@ -30,11 +30,10 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedInput
 
 from kvpolicy import ir
+from kvpolicy.dsl.errors import translate
 from kvpolicy.errors import Loc, PolicyError
 from kvpolicy.policies import shipped_names, shipped_path
 from kvpolicy.validate import Locator, Where, validate
-
-from kvpolicy.dsl.errors import translate
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 

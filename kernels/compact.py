@@ -1,6 +1,6 @@
 """Rank-slot compaction of a paged KV pool in Triton: the kernels of
 :mod:`kvpolicy.reference.compact`, same signatures, bit-identical results
-(DESIGN § Where compressed KV lives in SGLang: slot ``j`` of a compressed
+(ARCHITECTURE.md § Where compressed KV lives in SGLang: slot ``j`` of a compressed
 request holds each KV head's ``j``-th kept token).
 
 For every row ``i`` of a varlen batch (row ``cu[r] + j`` = request ``r``'s
@@ -32,7 +32,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpolicy.kernels._launch import jit as _jit, require_triton as _require_triton, tl, triton
+from kvpolicy.kernels._launch import jit as _jit
+from kvpolicy.kernels._launch import require_triton as _require_triton
+from kvpolicy.kernels._launch import tl, triton
 from kvpolicy.reference.compact import check_shapes
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

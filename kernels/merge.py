@@ -43,7 +43,9 @@ import torch
 from torch import Tensor
 
 from kvpolicy import ir
-from kvpolicy.kernels._launch import jit as _jit, require_triton as _require_triton, tl, triton
+from kvpolicy.kernels._launch import jit as _jit
+from kvpolicy.kernels._launch import require_triton as _require_triton
+from kvpolicy.kernels._launch import tl, triton
 from kvpolicy.reference import merge as reference
 from kvpolicy.reference.merge import Classes
 

@@ -39,7 +39,7 @@ class ModelShape:
         return self.num_q_heads // self.num_kv_heads
 
 
-# SmolLM2-135M-Instruct (DESIGN § Default model): 30 layers, 9 query heads, 3 KV heads.
+# SmolLM2-135M-Instruct (ARCHITECTURE.md § Default model and data): 30 layers, 9 query heads, 3 KV heads.
 DEFAULT_MODEL = ModelShape(num_layers=30, num_kv_heads=3, num_q_heads=9, name="SmolLM2-135M-Instruct")
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from kvpolicy.errors import InputError, PolicyError
 
-
 # -- argument types: every numeric option is checked where it is parsed ------------------
 
 

@@ -1,4 +1,4 @@
-"""Policy -> per-layer stage plan (DESIGN § Execution).
+"""Policy -> per-layer stage plan (ARCHITECTURE.md § Execution).
 
 ``capture -> score -> aggregate -> protect -> allocate -> classify -> merge ->
 compact``. :func:`plan` resolves everything that depends only on the policy,

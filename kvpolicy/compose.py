@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from kvpolicy import ir
-from kvpolicy.errors import PolicyError
 from kvpolicy.combinators import Policy, as_budget
 from kvpolicy.validate import validate
 

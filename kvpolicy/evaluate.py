@@ -1,5 +1,5 @@
 """Evaluation on a real model: NIAH (query-aware and context-only) and
-perplexity after a compressed context (DESIGN § Evaluation protocol).
+perplexity after a compressed context (ARCHITECTURE.md § Evaluation protocol).
 
 Every prompt is prefilled once and the capture is shared by all policies
 compared on it, so a comparison of many policies costs one prefill per prompt

@@ -1,4 +1,4 @@
-"""Offline haystacks and needles (DESIGN § Default model and data).
+"""Offline haystacks and needles (ARCHITECTURE.md § Default model and data).
 
 The haystack is the Python reference prose of the standard library's
 ``pydoc_data.topics`` (~465 KB), so probes need no download. A probe is a

@@ -4,7 +4,7 @@ The parser (``kvpolicy.dsl``) and the compose API (``kvpolicy.compose``) both
 produce a :class:`Policy`; the formatter prints one; the compiler consumes one.
 Nothing here knows about Lark or about tensors.
 
-Conventions (DESIGN § The language; METHODS notation):
+Conventions (README § The policy language; the papers' notation):
 
 * A *budget* ``B`` counts tokens per KV head per layer and *includes* the
   protected tokens (sinks and the recent window). For non-uniform layer

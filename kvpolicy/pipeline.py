@@ -1,11 +1,12 @@
-"""Policy -> executable per-layer pipeline (DESIGN § Execution).
+"""Policy -> executable per-layer pipeline (ARCHITECTURE.md § Execution).
 
 :func:`compile_pipeline` does the per-request work once (``plan()``): layer
 budgets, retrieval heads per layer, the protected set. :meth:`Pipeline.compress`
 runs one layer (``run()``): score -> aggregate -> protect -> allocate ->
 classify -> merge -> compact, each stage from the pipeline's :class:`Backend`.
-The reference backend is pure torch and exact; the Triton backend (later)
-provides the same signatures for CUDA tensors.
+The reference backend is pure torch and exact; the Triton backend
+(:mod:`kvpolicy.kernels`) provides the same signatures and is picked for CUDA
+tensors.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class CompressedLayer:
 
     def rank_slot(self) -> tuple[Tensor, Tensor]:
         """``[H_kv, B, d]`` keys and values when every head keeps ``B`` tokens:
-        slot ``j`` holds each head's ``j``-th kept token (DESIGN § rank-slot)."""
+        slot ``j`` holds each head's ``j``-th kept token (ARCHITECTURE.md § Where compressed KV lives in SGLang)."""
         if not self.uniform:
             raise ValueError(f"heads keep different counts {self.counts.tolist()}: no rank-slot layout")
         return self.keys, self.values

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvpolicy.combinators import Policy
 from kvpolicy.errors import PolicyError
 from kvpolicy.policies import shipped_names, shipped_path
-from kvpolicy.combinators import Policy
 
 __all__ = ["load", "shipped_names", "shipped_path"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 
 from kvpolicy.errors import InputError
-
 from kvpolicy.evaluate import Case, _chat
 from kvpolicy.haystack import haystack_text
 

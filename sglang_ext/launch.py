@@ -52,7 +52,7 @@ def servable(policy: ir.Policy) -> None:
 
     SGLang's pool gives a request one slot per token for all layers and heads
     at once, so the compressed request is served in the rank-slot layout
-    (DESIGN § Where compressed KV lives): every layer and every KV head keeps
+    (ARCHITECTURE.md § Where compressed KV lives in SGLang): every layer and every KV head keeps
     the same number of tokens. Policies whose budgets vary per layer or per
     head are refused here rather than approximated.
     """

@@ -5,8 +5,8 @@
 installed (the plugin adds it), so ``python -m sglang.launch_server ...
 --kv-policy P`` works as well; this entry point only adds CPU defaults: on a
 machine without CUDA it sets ``SGLANG_USE_CPU_ENGINE=1`` and, unless given,
-``--device cpu --attention-backend torch_native`` (DESIGN § SGLang on a
-CPU-only machine).
+``--device cpu --attention-backend torch_native`` (ARCHITECTURE.md § SGLang
+on a CPU-only machine).
 """
 
 from __future__ import annotations

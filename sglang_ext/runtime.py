@@ -1,7 +1,7 @@
 """Scheduler-side half of ``--kv-policy``: capture during prefill, compress
 in SGLang's pool right after it, and keep decode positions logical.
 
-Life of a compressed request (DESIGN § Where compressed KV lives in SGLang):
+Life of a compressed request (ARCHITECTURE.md § Where compressed KV lives in SGLang):
 
 1. **Capture.** Every prefill forward (each chunk of a chunked prefill) runs
    through :func:`on_attention` once per layer, after the layer wrote its

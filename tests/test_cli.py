@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from kvpolicy.cli import main
 from kvpolicy.compiler import STAGES
 from kvpolicy.registry import shipped_path

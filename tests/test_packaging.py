@@ -1,4 +1,4 @@
-"""One distribution, import names under `kvpolicy` only (DESIGN § Layout)."""
+"""One distribution, import names under `kvpolicy` only (ARCHITECTURE.md § Layout)."""
 
 from __future__ import annotations
 

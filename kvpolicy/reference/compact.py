@@ -1,4 +1,4 @@
-"""Rank-slot compaction of a paged KV pool, in plain torch (DESIGN § Where
+"""Rank-slot compaction of a paged KV pool, in plain torch (ARCHITECTURE.md § Where
 compressed KV lives in SGLang).
 
 SGLang keeps one layer's KV per token slot, ``k_buffer[slot, kv_head, :]``

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +19,7 @@ from kvpolicy.sglang_ext.server import held_slots
 
 from .conftest import EMS_10, SERVER_FLAGS
 from .helpers import LISBON, HangUp, assert_healthy, chat_ids, hang_up_after, hay, stream_completion
+
 
 @pytest.mark.slow
 def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
