@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from kvpolicy import evaluate as ev
+    from kvpolicy.combinators import Policy
     from kvpolicy.compose import as_budget
     from kvpolicy.dsl.parser import parse
     from kvpolicy.models import load_model
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         return 2
     texts = {r: READINGS[r] if not args.no_merge else READINGS[r].replace(EMS_TAIL, NO_MERGE_TAIL)
              for r in args.readings}
-    policies = [parse(texts[r], f"<{r}>") for r in args.readings]
+    policies = [Policy.of(parse(texts[r], f"<{r}>")) for r in args.readings]
     policies += [load(name) for name in args.baselines] + [load(path) for path in args.extra]
     batch = [ev.Entry("full", load("full"))]
     batch += [ev.Entry(f"{p.name}@{b}", p.with_budget(as_budget(b))) for p in policies for b in args.budgets]

@@ -66,19 +66,10 @@ class Plan:
 def referenced_terms(policy: ir.Policy) -> list[ir.ScoreExpr]:
     """Score terms (leaves that read the cache) used by any score, in order."""
     out: list[ir.ScoreExpr] = []
-
-    def walk(e: ir.ScoreExpr) -> None:
-        if isinstance(e, ir.WeightedSum):
-            for _, t in e.terms:
-                walk(t)
-        elif isinstance(e, ir.Normalize):
-            for a in e.args:
-                walk(a)
-        elif not isinstance(e, ir.ScoreRef) and e not in out:
-            out.append(e)
-
     for d in policy.scores:
-        walk(d.expr)
+        for e in ir.walk(d.expr):
+            if not isinstance(e, (ir.ScoreRef, ir.WeightedSum, ir.Normalize)) and e not in out:
+                out.append(e)
     return out
 
 

@@ -152,17 +152,10 @@ def _shipped(name: str, budget) -> Policy:
 
 def _map_local(p: ir.Policy, fn) -> tuple[ir.ScoreDef, ...]:
     """Apply ``fn`` to every ``local()`` term of every score."""
+    def leaf(e: ir.ScoreExpr) -> ir.ScoreExpr:
+        return fn(e) if isinstance(e, ir.LocalAttention) else e
 
-    def walk(e: ir.ScoreExpr) -> ir.ScoreExpr:
-        if isinstance(e, ir.LocalAttention):
-            return fn(e)
-        if isinstance(e, ir.WeightedSum):
-            return ir.WeightedSum(tuple((w, walk(t)) for w, t in e.terms))
-        if isinstance(e, ir.Normalize):
-            return ir.Normalize(e.kind, tuple(walk(a) for a in e.args))
-        return e
-
-    return tuple(ir.ScoreDef(d.name, walk(d.expr)) for d in p.scores)
+    return tuple(ir.ScoreDef(d.name, ir.map_terms(d.expr, leaf)) for d in p.scores)
 
 
 def with_window(p: ir.Policy, window: int) -> Policy:

@@ -245,6 +245,32 @@ class Normalize(ScoreExpr):
     args: tuple[ScoreExpr, ...]
 
 
+def children(e: ScoreExpr) -> tuple[ScoreExpr, ...]:
+    """The sub-expressions of a combining node (none for a term or a reference)."""
+    if isinstance(e, WeightedSum):
+        return tuple(t for _, t in e.terms)
+    if isinstance(e, Normalize):
+        return e.args
+    return ()
+
+
+def walk(e: ScoreExpr):
+    """Every node of ``e``, pre-order (a node before its children, children in order)."""
+    yield e
+    for c in children(e):
+        yield from walk(c)
+
+
+def map_terms(e: ScoreExpr, fn) -> ScoreExpr:
+    """``e`` rebuilt with ``fn`` applied to every leaf (terms and references);
+    the combining nodes keep their shape."""
+    if isinstance(e, WeightedSum):
+        return WeightedSum(tuple((w, map_terms(t, fn)) for w, t in e.terms))
+    if isinstance(e, Normalize):
+        return Normalize(e.kind, tuple(map_terms(a, fn) for a in e.args))
+    return fn(e)
+
+
 @dataclass(frozen=True)
 class ScoreDef:
     """``score NAME = EXPR``."""

@@ -132,6 +132,11 @@ class _Checker:
             seen.append(d.name)
 
     def expr(self, e: ir.ScoreExpr, owner: str, defined: list[str]) -> None:
+        for node in ir.walk(e):
+            self.node(node, owner, defined)
+
+    def node(self, e: ir.ScoreExpr, owner: str, defined: list[str]) -> None:
+        """One node of a score expression (its children are checked after it)."""
         key = f"score:{owner}"
         if isinstance(e, ir.ScoreRef):
             if e.name == owner:
@@ -145,18 +150,15 @@ class _Checker:
         elif isinstance(e, ir.WeightedSum):
             if not e.terms:
                 raise self.fail("an empty sum is not a score", key)
-            for w, t in e.terms:
+            for w, _ in e.terms:
                 if not math.isfinite(w):
                     raise self.fail(f"weight {w} is not a finite number", key)
-                self.expr(t, owner, defined)
         elif isinstance(e, ir.Normalize):
             combines = e.kind in ("mean_align", "max_align")
             want = "at least two terms" if combines else "exactly one term"
             n = len(e.args)
             if (combines and n < 2) or (not combines and n != 1):
                 raise self.fail(f"{e.kind}() takes {want}, got {n}", f"{key}:{e.kind}")
-            for a in e.args:
-                self.expr(a, owner, defined)
         elif isinstance(e, ir.LocalAttention):
             if e.window < 1:
                 raise self.fail(f"local(window={e.window}): the window needs at least one query", f"{key}:local.window")
