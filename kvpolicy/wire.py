@@ -41,7 +41,10 @@ def _ir(value):
         if cls is None:
             raise ValueError(f"not an IR class: {name!r}")
         kwargs = {k: _ir(v) for k, v in value.items() if k != "_"}
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"bad fields for {name}: {exc}") from None
     if isinstance(value, list):
         return tuple(_ir(v) for v in value)
     return value
