@@ -47,9 +47,11 @@ per head {
 
 
 def reading(name: str, global_term: str, combine: str, description: str, merge: bool = True) -> str:
+    """``combine`` names a normaliser applied to ``(g, l)``, or is a whole expression in g and l."""
+    importance = combine if "(" in combine else f"{combine}(g, l)"
     return (f'policy {name}\ndescription "{description}"\nbudget 10%\nkeep sink 4, recent 32\n'
             f"score g = {global_term}\nscore l = local(window=32, pool=max(7))\n"
-            f"score importance = {combine}(g, l)\n{EMS_TAIL if merge else NO_MERGE_TAIL}")
+            f"score importance = {importance}\n{EMS_TAIL if merge else NO_MERGE_TAIL}")
 
 
 READINGS = {
@@ -63,6 +65,10 @@ READINGS = {
                                "observed / causally expected attention, aligned, max"),
     "ems_sum_sum": reading("ems_sum_sum", "global()", "mean_align", "plain accumulation (H2O), aligned and added"),
     "ems_sum_max": reading("ems_sum_max", "global()", "max_align", "plain accumulation (H2O), aligned, max"),
+    "ems_rank_max": reading("ems_rank_max", "global(norm=uniform)", "max_align(rank(g), rank(l))",
+                            "observed / expected attention and window attention, each ranked, max"),
+    "ems_local_led": reading("ems_local_led", "global(norm=uniform)", "zscore(l) + 0.3 * zscore(g)",
+                             "window attention led, the global term as a z-scored tie-breaker"),
 }
 
 # both answered by the full cache at every depth of the default lengths on the
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", nargs="+", default=["10%", "25%", "50%"], help="budgets (default 10%% 25%% 50%%)")
     ap.add_argument("--modes", nargs="+", default=["query-aware"], choices=["query-aware", "context-only"],
                     help="question compressed with the context, or after it (default query-aware)")
-    ap.add_argument("--readings", nargs="+", default=list(READINGS), choices=list(READINGS),
+    ap.add_argument("--readings", nargs="*", default=list(READINGS), choices=list(READINGS),
                     help="which EMS readings (default: all)")
     ap.add_argument("--baselines", nargs="*", default=["snapkv", "streamingllm"],
                     help="shipped policies run beside them (default snapkv streamingllm)")

@@ -42,6 +42,7 @@ _COMPOSE = (
     "retrieval",
     "similar",
     "snapkv",
+    "spankv",
     "streamingllm",
     "uniform",
     "value_norm",
@@ -75,5 +76,5 @@ __all__ = [
     "METHODS", "Policy", "PolicyError", "adakv", "adaptive", "as_budget", "avg_pool", "compresskv", "ems",
     "explicit", "full", "global_", "h2o", "key_norm", "load", "local", "max_align", "max_pool", "mean_align", "per_head",
     "per_layer", "policy", "pooled_heads", "pyramid", "pyramidkv", "rank", "recency", "retrieval", "shipped_names",
-    "similar", "snapkv", "streamingllm", "uniform", "value_norm", "with_pool", "with_window", "zscore",
+    "similar", "snapkv", "spankv", "streamingllm", "uniform", "value_norm", "with_pool", "with_window", "zscore",
 ]

@@ -199,6 +199,11 @@ def snapkv(budget=None, *, window: int | None = None, pool: ir.Pool | None = Non
     return _windowed("snapkv", budget, window, pool)
 
 
+def spankv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None) -> Policy:
+    """SnapKV with span pooling (``policies/spankv.kvp``: max pool 25)."""
+    return _windowed("spankv", budget, window, pool)
+
+
 def pyramidkv(budget=None, *, window: int | None = None, pool: ir.Pool | None = None, beta: float | None = None) -> Policy:
     p = _windowed("pyramidkv", budget, window, pool)
     return p if beta is None else p.with_layers(ir.Pyramid(float(beta)))
@@ -225,5 +230,5 @@ def compresskv(budget=None, *, window: int | None = None, top: int | None = None
 
 METHODS = {
     "full": full, "streamingllm": streamingllm, "h2o": h2o, "snapkv": snapkv, "pyramidkv": pyramidkv,
-    "adakv": adakv, "ems": ems, "compresskv": compresskv,
+    "adakv": adakv, "ems": ems, "compresskv": compresskv, "spankv": spankv,
 }

@@ -12,7 +12,7 @@ from kvpolicy.registry import shipped_path
 from kvpolicy.validate import validate
 from tests.strategies import policies
 
-SHIPPED = ["adakv", "compresskv", "ems", "full", "h2o", "pyramidkv", "snapkv", "streamingllm"]
+SHIPPED = ["adakv", "compresskv", "ems", "full", "h2o", "pyramidkv", "snapkv", "spankv", "streamingllm"]
 
 
 def test_every_method_is_shipped():
