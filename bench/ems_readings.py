@@ -143,7 +143,8 @@ def main(argv=None) -> int:
         print(name.ljust(width) + "".join(cells))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "cases_per_cell": total, "found": table,
+    shown = {**vars(args), "out": out.name, "haystack": haystack.name}  # no machine paths in results
+    out.write_text(json.dumps({"args": shown, "cases_per_cell": total, "found": table,
                                "readings": texts, "cases": cases}, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
