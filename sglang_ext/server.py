@@ -36,6 +36,12 @@ class ServerError(RuntimeError):
     pass
 
 
+#: The upper bound on one request, in seconds: generous, never a phase. A few
+#: hundred decode steps of three requests on a loaded 2-core machine have
+#: taken over 600 s, so the bound is half an hour; a hang still fails loudly.
+REQUEST_TIMEOUT = 1800
+
+
 #: SGLang's own allocator checks, every scheduler step: free + cached + held
 #: = total (a leak stops the scheduler), no double free, no use after free;
 #: and kvpolicy's (:func:`invariant_problems`) at every compression and release.
@@ -67,7 +73,7 @@ class Server:
 
     # -- HTTP ------------------------------------------------------------------
 
-    def request(self, path: str, body: dict | None = None, timeout: float = 600) -> dict:
+    def request(self, path: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT) -> dict:
         """POST ``body`` as JSON (GET without one); returns the JSON reply, or
         ``{"status": code, "error": text}`` for an HTTP error."""
         data = json.dumps(body).encode() if body is not None else None
@@ -83,7 +89,7 @@ class Server:
             return {"message": raw.decode(errors="replace")}
 
     def generate(self, input_ids: list[int], max_new_tokens: int = 16, rid: str | None = None, *,
-                 timeout: float = 600, **params) -> dict:
+                 timeout: float = REQUEST_TIMEOUT, **params) -> dict:
         """Greedy ``/generate`` on token ids; ``params`` go into the sampling
         parameters (``custom_params={"kv_policy": ...}`` picks a policy);
         ``rid`` names the request (for ``/abort_request`` and the events in
@@ -166,7 +172,7 @@ class Server:
                     and not sched.get("waiting") and not sched.get("running") and not sched.get("prefilling"))
         return self.wait_until(idle, "the server to be idle", timeout, poll=0.2)
 
-    def completion_chunks(self, prompt_ids: list[int], max_tokens: int, timeout: float = 600, **extra):
+    def completion_chunks(self, prompt_ids: list[int], max_tokens: int, timeout: float = REQUEST_TIMEOUT, **extra):
         """Stream a greedy OpenAI ``/v1/completions``: yields each parsed
         chunk; leaving the loop early hangs up (the server aborts the request)."""
         body = {"model": "default", "prompt": list(prompt_ids), "max_tokens": max_tokens, "temperature": 0,
@@ -212,7 +218,7 @@ class Background:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
-    def result(self, timeout: float = 600) -> dict | list:
+    def result(self, timeout: float = REQUEST_TIMEOUT) -> dict | list:
         """The reply (a list for ``n > 1``); :class:`ServerError` if none came in ``timeout``."""
         self.thread.join(timeout)
         if self.thread.is_alive() or self.reply is None:
