@@ -104,7 +104,6 @@ def main(argv=None) -> int:
 
     from kvpolicy import evaluate as ev
     from kvpolicy.combinators import Policy
-    from kvpolicy.compose import as_budget
     from kvpolicy.dsl.parser import parse
     from kvpolicy.models import load_model
     from kvpolicy.registry import load
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
     policies = [Policy.of(parse(texts[r], f"<{r}>")) for r in args.readings]
     policies += [load(name) for name in args.baselines] + [load(path) for path in args.extra]
     batch = [ev.Entry("full", load("full"))]
-    batch += [ev.Entry(f"{p.name}@{b}", p.with_budget(as_budget(b))) for p in policies for b in args.budgets]
+    batch += [ev.Entry(f"{p.name}@{b}", p.with_budget(b)) for p in policies for b in args.budgets]
     needles = [ev.NeedleSpec(*n) for n in NEEDLES[:args.needles]]
     lm, tok, shape = load_model()
     result = ev.niah(lm, tok, shape, batch, lengths=args.lengths, depths=args.depths, modes=tuple(args.modes),

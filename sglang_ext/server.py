@@ -138,8 +138,8 @@ class Server:
         """Wait until request ``rid`` has had ``event``; return its events."""
         def seen(state):
             return any(e["rid"] == rid and e["event"] == event for e in state.get("events", []))
-        self.wait_until(seen, f"a '{event}' event of {rid}", timeout)
-        return self.events(rid)
+        state = self.wait_until(seen, f"a '{event}' event of {rid}", timeout)
+        return [e for e in state.get("events", []) if e["rid"] == rid]
 
     def wait_queued(self, rid: str, timeout: float = 300) -> dict:
         """Wait until request ``rid`` sits in the scheduler's waiting queue."""
