@@ -9,6 +9,9 @@ beside each one) and never more than one tile of logits at a time.
   per query head over the tokens before the window (SnapKV eq. 2), then reduced
   over each GQA group -- :func:`window_scores_reference` composes the reference
   stages the same way, as :func:`kvpolicy.reference.scores.local_term` does.
+* :func:`split_decode_attention`: one decode step for a compressed request
+  whose KV heads keep different numbers of tokens, one sequence per (request,
+  KV head) reading its kept prompt rows and its decoded tokens.
 * :func:`accumulated_attention` / :func:`attention_with_column_sums`: H2O's
   accumulated attention (arXiv 2306.14048 §3), ``s[h, j] = sum_{i >= j}
   softmax_i(q_i K^T / sqrt(d))[j]``, and optionally the causal attention output
@@ -67,6 +70,7 @@ CAUSAL_BLOCK = 64    # accumulated attention: query rows and keys per tile
 __all__ = [
     "accumulated_attention",
     "attention_with_column_sums",
+    "split_decode_attention",
     "window_attention",
     "window_scores",
     "window_scores_reference",
@@ -575,3 +579,80 @@ def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int 
     :func:`attention_with_column_sums` for the two passes and ``block``."""
     return attention_with_column_sums(queries, keys, None, n_rep, block=block)[1]
 
+
+
+@_kernel
+def _split_decode_kernel(Q, K, V, O, KEPT, SPLIT, END,
+                         stride_qs, stride_qr, stride_ks, stride_km, stride_vs, stride_vm, stride_os, stride_or,
+                         n_rep, D, DV, qk_scale, logit_cap,
+                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, CAP: tl.constexpr):
+    """One program per sequence ``s``: the ``n_rep`` query rows of its GQA
+    group over key rows ``[0, KEPT[s])`` then ``[SPLIT[s], END[s])``, online
+    softmax (base 2; ``qk_scale`` has ``log2(e)`` folded in), into ``O``.
+    Every tile either loop enters holds at least one visible key (its first),
+    so the running max is finite after the first tile."""
+    s = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    dd = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + s * stride_qs + r[:, None] * stride_qr + dd[None, :],
+                mask=(r < n_rep)[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
+    kept = tl.load(KEPT + s)
+    split = tl.load(SPLIT + s)
+    end = tl.load(END + s)
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for part in tl.static_range(2):  # the kept prompt rows, then the decoded tokens
+        start = 0 if part == 0 else split
+        stop = kept if part == 0 else end
+        n0 = start
+        while n0 < stop:
+            j = n0 + tl.arange(0, BLOCK_N)
+            vis = j < stop
+            k = tl.load(K + s * stride_ks + j[:, None].to(tl.int64) * stride_km + dd[None, :],
+                        mask=vis[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
+            logits = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+            if CAP:
+                # cap * tanh(x / cap) in natural-log units, then to base 2
+                x = logits * (qk_scale / 1.4426950408889634) / logit_cap
+                logits = logit_cap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634
+            else:
+                logits = logits * qk_scale
+            logits = tl.where(vis[None, :], logits, float("-inf"))
+            m_new = tl.maximum(m, tl.max(logits, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(logits - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(V + s * stride_vs + j[:, None].to(tl.int64) * stride_vm + dv[None, :],
+                        mask=vis[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="tf32x3")
+            m = m_new
+            n0 += BLOCK_N
+    tl.store(O + s * stride_os + r[:, None] * stride_or + dv[None, :], acc / l[:, None],
+             mask=(r < n_rep)[:, None] & (dv < DV)[None, :])
+
+
+def split_decode_attention(queries: Tensor, keys: Tensor, values: Tensor, kept: Tensor, split: Tensor,
+                           end: Tensor, scale: float, logit_cap: float = 0.0, block: int = 64) -> Tensor:
+    """One decode step over two ranges of key rows per sequence, as
+    :func:`kvpolicy.reference.attention.split_decode_attention` (same
+    arguments; ``[S, n_rep, d_v]`` fp32). One program per sequence; ``block``
+    keys per tile (a power of two, at least 16)."""
+    S, n_rep, d = queries.shape
+    if keys.shape[0] != S or values.shape[:2] != keys.shape[:2] or keys.shape[2] != d:
+        raise ValueError(f"queries {tuple(queries.shape)}, keys {tuple(keys.shape)} and values "
+                         f"{tuple(values.shape)} do not match")
+    if S == 0:
+        return torch.empty(0, n_rep, values.shape[-1], dtype=torch.float32, device=queries.device)
+    q, k, v = _prepare(queries, keys, values)
+    bounds = [t.to(device=q.device, dtype=torch.int32).contiguous() for t in (kept, split, end)]
+    d_v = v.shape[-1]
+    out = torch.empty(S, n_rep, d_v, dtype=torch.float32, device=q.device)
+    _split_decode_kernel[(S,)](
+        q, k, v, out, *bounds, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), n_rep, d, d_v, scale * LOG2E, float(logit_cap),
+        BLOCK_R=_pow2(n_rep), BLOCK_N=_tile(block), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(d_v), CAP=logit_cap > 0,
+        **_launch_opts(q.device))
+    return out

@@ -39,7 +39,8 @@ LAUNCH_TARGETS = {
 RUNTIME_TARGETS = {
     # a ForwardBatch was built: note prefill rows to capture, shift decode positions
     "forward_batch": f"{_SRT}.model_executor.forward_batch_info.ForwardBatch.init_new",
-    # one attention layer ran (its KV is in the pool): capture queries / column sums
+    # one attention layer: after it ran (its KV is in the pool), capture queries /
+    # column sums in a prefill; in a decode, recompute the rows of requests in the row layout
     "attention": f"{_SRT}.layers.radix_attention.RadixAttention.forward",
     # a prefill batch's results were processed (prompt checkpointed): compress
     "prefill_done": f"{_SRT}.managers.scheduler_components.batch_result_processor."
@@ -97,7 +98,7 @@ def _before_validate_request(manager, obj, *args, **kwargs):
     if isinstance(custom, dict):
         custom.pop(handoff.REQUEST_IR, None)  # only this process writes it
     try:
-        policy = launch.request_policy(_server_policy(spec), custom)
+        policy = launch.request_policy(_server_policy(spec), custom, launch.cuda_graphs_on(manager.server_args))
     except PolicyError as exc:
         raise ValueError(f"kvpolicy: {exc}") from None
     if handoff.names_a_policy(custom):
@@ -128,11 +129,15 @@ def _after_forward_batch(result, cls, batch, model_runner, *args, **kwargs):
     return result
 
 
-def _after_attention(result, layer, q, k=None, v=None, forward_batch=None, *args, **kwargs):
+def _around_attention(original, layer, q, k=None, v=None, forward_batch=None, *args, **kwargs):
+    result = original(layer, q, k, v, forward_batch, *args, **kwargs)
     rt = _runtime
-    if rt is not None and rt.rows is not None:
+    if rt is not None and (rt.rows is not None or rt.decode_rows is not None):
         fb = forward_batch if forward_batch is not None else kwargs.get("forward_batch")
-        rt.on_attention(layer, q, fb)
+        if rt.rows is not None:
+            rt.on_attention(layer, q, fb)
+        if rt.decode_rows is not None:
+            result = rt.attend(layer, q, result, fb)
     return result
 
 
@@ -187,7 +192,7 @@ def register() -> None:
     if not os.environ.get(handoff.ENV_POLICY_IR):
         return
     HookRegistry.register(RUNTIME_TARGETS["forward_batch"], _after_forward_batch, HookType.AFTER)
-    HookRegistry.register(RUNTIME_TARGETS["attention"], _after_attention, HookType.AFTER)
+    HookRegistry.register(RUNTIME_TARGETS["attention"], _around_attention, HookType.AROUND)
     HookRegistry.register(RUNTIME_TARGETS["prefill_done"], _after_prefill_done, HookType.AFTER)
     HookRegistry.register(RUNTIME_TARGETS["prefix_limit"], _after_prefix_limit, HookType.AFTER)
     HookRegistry.register(RUNTIME_TARGETS["release"], _around_release, HookType.AROUND)

@@ -32,6 +32,11 @@ def broken_invariants(inv: dict) -> list[str]:
         problems.append(f"{inv['compressed_slots_in_tree']} compressed slots are in the radix tree")
     if inv["compressed_slots_shared"]:
         problems.append(f"{inv['compressed_slots_shared']} slots are held by more than one compressed request")
+    if inv["compressed_rows_shared"]:
+        problems.append(f"{inv['compressed_rows_shared']} rows of the row layout are held twice")
+    if inv["compressed_rows_outside_own_slots"]:
+        problems.append(f"{inv['compressed_rows_outside_own_slots']} rows of the row layout lie outside "
+                        "their request's slots")
     return problems
 
 

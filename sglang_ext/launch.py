@@ -24,7 +24,7 @@ from kvpolicy.sglang_ext.handoff import ENV_POLICY, ENV_POLICY_IR, REQUEST_BUDGE
 
 FLAG = "--kv-policy"
 HELP = ("kvpolicy: compress each request's KV cache in SGLang's pool after its prefill with this policy "
-        "(a .kvp file or a shipped name: ems, snapkv, h2o, streamingllm, full). "
+        "(a .kvp file or a shipped name: " + ", ".join(shipped_names()) + "). "
         "The radix cache stays on; see the kvpolicy README, 'Serving'.")
 
 log = logging.getLogger("kvpolicy")
@@ -47,39 +47,49 @@ def policy_arg(argv: list[str]) -> str | None:
     return known.kv_policy
 
 
-def servable(policy: ir.Policy) -> None:
-    """Raise :class:`PolicyError` unless the pool path serves ``policy`` exactly.
-
-    SGLang's pool gives a request one slot per token for all layers and heads
-    at once, so the compressed request is served in the rank-slot layout
-    (ARCHITECTURE.md § Where compressed KV lives in SGLang): every layer and every KV head keeps
-    the same number of tokens. Policies whose budgets vary per layer or per
-    head are refused here rather than approximated.
-    """
+def variable_budgets(policy: ir.Policy) -> str | None:
+    """Why ``policy``'s layers or KV heads may keep different numbers of tokens
+    (served in the row layout: ARCHITECTURE.md § Variable budgets), or ``None``
+    when every layer and head keeps the same number (the rank-slot layout)."""
     sel = policy.selection
     if sel is None:
+        return None
+    if not isinstance(policy.layers, ir.Uniform):
+        return f"its layers get different budgets ({type(policy.layers).__name__.lower()} schedule)"
+    if any(o.budget != policy.budget for o in policy.overrides):
+        return "its layer overrides give some layers a different budget"
+    if sel.unit == "pooled":
+        return "its heads keep different numbers of tokens (per head pooled)"
+    if sel.keep.p is not None:
+        return f"top-p keeping (p={sel.keep.p}) gives heads different numbers of tokens"
+    return None
+
+
+def servable(policy: ir.Policy, cuda_graphs: bool = False) -> None:
+    """Raise :class:`PolicyError` unless the pool path serves ``policy`` exactly.
+
+    Every budget is served with its own savings: equal budgets in the
+    rank-slot layout (SGLang's own attention reads it), per-layer and
+    per-head budgets in the row layout, whose decode attention runs outside
+    SGLang's backends, so not inside CUDA graphs (``cuda_graphs``: the server
+    replays them). Recompressing during decoding is not served yet.
+    """
+    if policy.selection is None:
         return
     why = None
-    if not isinstance(policy.layers, ir.Uniform):
-        why = f"its layers get different budgets ({type(policy.layers).__name__.lower()} schedule)"
-    elif any(o.budget != policy.budget for o in policy.overrides):
-        why = "its layer overrides give some layers a different budget"
-    elif sel.unit == "pooled":
-        why = "its heads keep different numbers of tokens (per head pooled)"
-    elif sel.keep.p is not None:
-        why = f"top-p keeping (p={sel.keep.p}) gives heads different numbers of tokens"
-    elif policy.trigger.decode_every is not None:
+    if policy.trigger.decode_every is not None:
         why = "it recompresses during decoding, which the pool path does not run yet"
+    elif cuda_graphs and (variable := variable_budgets(policy)):
+        why = (f"{variable}: such requests are decoded outside CUDA graphs, and this server replays them "
+               "(launch it with --disable-cuda-graph, or with this policy as --kv-policy)")
     if why:
         raise PolicyError(
             f"policy '{policy.name}' cannot be served by SGLang's pool yet: {why}. "
-            "The pool path keeps the same number of tokens in every layer and KV head "
-            "(rank-slot layout); use a uniform per-head or per-layer policy "
-            "(ems, snapkv, h2o, streamingllm), or evaluate this one with `kvpolicy eval`",
+            "Evaluate it with `kvpolicy eval`, or serve a policy without a decode trigger",
             file=policy.source)
 
 
-def request_policy(default: ir.Policy, custom_params) -> ir.Policy:
+def request_policy(default: ir.Policy, custom_params, cuda_graphs: bool = False) -> ir.Policy:
     """The policy one request runs under: the server's, unless the request's
     ``custom_params`` name a shipped policy (``{"kv_policy": "snapkv"}``) and/or
     a budget (``{"kv_budget": "10%"}``). Raises :class:`PolicyError` (a 400
@@ -89,11 +99,11 @@ def request_policy(default: ir.Policy, custom_params) -> ir.Policy:
     name, budget = params.get(REQUEST_POLICY), params.get(REQUEST_BUDGET)
     if name is None and budget is None:
         return default
-    return _request_policy(default, name, budget)
+    return _request_policy(default, name, budget, cuda_graphs)
 
 
-def _request_policy(default: ir.Policy, name, budget) -> ir.Policy:
-    key = (id(default), name, budget)
+def _request_policy(default: ir.Policy, name, budget, cuda_graphs: bool) -> ir.Policy:
+    key = (id(default), name, budget, cuda_graphs)
     if key not in _request_policies:
         policy = default
         if name is not None:
@@ -105,7 +115,7 @@ def _request_policy(default: ir.Policy, name, budget) -> ir.Policy:
             policy = load(name)
         if budget is not None:
             policy = policy.with_budget(str(budget))
-        servable(policy)
+        servable(policy, cuda_graphs)
         _request_policies[key] = policy
     return _request_policies[key]
 
@@ -113,7 +123,13 @@ def _request_policy(default: ir.Policy, name, budget) -> ir.Policy:
 _request_policies: dict = {}
 
 
-def check_server_args(args) -> list[str]:
+def cuda_graphs_on(args) -> bool:
+    """Whether a server with these arguments replays CUDA graphs for decoding."""
+    device = getattr(args, "device", None)
+    return device in (None, "cuda") and not getattr(args, "disable_cuda_graph", True)
+
+
+def check_server_args(args, policy: ir.Policy | None = None) -> list[str]:
     """Flags that conflict with ``--kv-policy``: raise :class:`LaunchError`
     for those that cannot be adjusted, adjust the rest in place and return
     what was changed (to be logged)."""
@@ -139,6 +155,10 @@ def check_server_args(args) -> list[str]:
         # its prefill result is processed, i.e. before compression can run.
         args.disable_overlap_schedule = True
         changed.append("overlap scheduling disabled (compression runs between prefill and the first decode step)")
+    if policy is not None and cuda_graphs_on(args) and (why := variable_budgets(policy)):
+        args.disable_cuda_graph = True
+        changed.append(f"CUDA graphs disabled: '{policy.name}' is served in the row layout ({why}), whose decode "
+                       "attention runs outside SGLang's graphs")
     return changed
 
 
@@ -160,7 +180,7 @@ def prepare(argv: list[str], server_args) -> None:
     try:
         policy = load(spec)
         servable(policy)
-        changed = check_server_args(server_args)
+        changed = check_server_args(server_args, policy)
     except (PolicyError, LaunchError) as exc:
         print(f"error: --kv-policy {spec}: {exc}" if isinstance(exc, LaunchError) else str(exc),
               file=sys.stderr)

@@ -55,8 +55,9 @@ from kvpolicy import ir
 from kvpolicy.budgets import ModelShape
 from kvpolicy.errors import PolicyError
 from kvpolicy.pipeline import Pipeline, compile_pipeline
-from kvpolicy.reference.attention import accumulated_attention
+from kvpolicy.reference.attention import accumulated_attention, split_decode_attention
 from kvpolicy.reference.scores import LayerInputs
+from kvpolicy.sglang_ext import row_layout
 from kvpolicy.sglang_ext.handoff import request_policy
 from kvpolicy.sglang_ext.invariants import broken_invariants
 
@@ -89,7 +90,9 @@ class Record:
     rid: str
     policy: str
     prompt_tokens: int
-    slots_kept: int
+    slots_kept: int  # slots holding its compressed prompt: ceil(rows kept / (layers * KV heads))
+    rows_per_layer: list[int]  # tokens kept in each layer, summed over its KV heads
+    layout: str  # "rank-slot" (every layer and head keeps slots_kept tokens) or "rows"
     slots_freed: int  # returned to the allocator now
     slots_released_to_tree: int  # still cached by the radix tree, now evictable
     position_offset: int
@@ -110,6 +113,10 @@ class Runtime:
         self.rows: list[Capture | None] | None = None  # the current prefill forward's rows
         self.forward_batch: tuple | None = None  # the current prefill forward's key
         self.requests: dict[str, object] = {}  # rid -> SGLang Req, compressed and still running
+        # rid -> the row layout and its per-layer readers, for compressed
+        # requests whose layers or heads keep different numbers of tokens
+        self.layouts: dict[str, tuple[row_layout.RowLayout, list[row_layout.LayerReader]]] = {}
+        self.decode_rows: list[tuple] | None = None  # the current decode forward's row-layout requests
         self.totals = {"requests_compressed": 0, "prompt_tokens": 0, "slots_kept": 0, "slots_freed": 0,
                        "slots_released_to_tree": 0, "requests_not_compressed": 0,
                        "compressed_retracted": 0, "captures_dropped": 0, "room_from_own_prompt": 0,
@@ -163,21 +170,17 @@ class Runtime:
         except PolicyError as exc:  # e.g. a budget below the window at this prompt length (logged once: cached)
             log.warning("kvpolicy: a %d-token prompt is not compressed by '%s': %s", prompt_len, policy.name, exc)
             return None
-        budgets = set(pipe.plan.layer_budgets)
-        if len(budgets) != 1:  # refused at launch and per request; never approximated here
-            log.error("kvpolicy: '%s' gives layers budgets %s; the request keeps its exact KV",
-                      policy.name, sorted(budgets))
-            return None
-        return pipe if budgets.pop() < prompt_len else None
+        return pipe if min(pipe.plan.layer_budgets) < prompt_len else None
 
     # -- 1. capture ----------------------------------------------------------------
 
     def begin_forward(self, batch, forward_batch) -> None:
         """Called as each ForwardBatch is built: note which rows of a prefill
         forward belong to requests that will be compressed."""
-        self.rows, self.forward_batch = None, None
+        self.rows, self.forward_batch, self.decode_rows = None, None, None
         mode = forward_batch.forward_mode
-
+        if mode.is_decode() and self.layouts:
+            self.decode_rows = self._decode_rows(batch, forward_batch) or None
         if not mode.is_extend() or mode.is_decode():
             return
         rows, any_row = [], False
@@ -291,20 +294,27 @@ class Runtime:
         W = cap.pipeline.window
         if W and min(q.shape[1] for q in cap.queries) < W:
             raise _NotCompressed(f"fewer than {W} window queries were computed")
-        B = cap.pipeline.plan.layer_budgets[0]
         old = req_to_token[row, :N].to(torch.long).clone()
         queries_seen = N - (cap.first_query or 0)
 
         # Compress every layer first, then take B slots: until the slots are
         # written nothing about the request has changed, so any failure leaves
         # it exact (and is logged), never half-compressed.
-        kept = []
+        kept, counts = [], []
         for lid in range(self.shape.num_layers):
             keys = kv.get_key_buffer(lid)[old].transpose(0, 1)
             values = kv.get_value_buffer(lid)[old].transpose(0, 1)
             out = cap.pipeline.compress(lid, LayerInputs(keys, values, cap.queries[lid], cap.accumulated[lid]))
-            k, v = out.rank_slot()  # [H_kv, B, d]
-            kept.append((k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()))
+            kept.append((out.keys, out.values))  # [H_kv, K, d], head h's first counts[h] valid
+            counts.append(out.counts)
+        counts = torch.stack(counts).cpu()  # [L, H_kv]
+        # Every layer and head keeping B tokens is the rank-slot layout, read by
+        # SGLang's own attention; anything else packs into ceil(rows / (L * H_kv))
+        # slots and is read through row lists (row_layout).
+        B = row_layout.slots_needed(counts)
+        uniform = bool((counts == B).all())
+        if not uniform and getattr(kv, "store_dtype", kv.dtype) != kv.dtype:
+            raise _NotCompressed(f"the KV cache is stored as {kv.store_dtype}: the row layout needs it unquantised")
         # Give up the hold on the N uncompressed slots: [0, protected) belong to
         # the tree (unlocked: evictable, still exact cache); the rest were the
         # request's own and go back to the allocator. Normally after the B new
@@ -312,8 +322,16 @@ class Runtime:
         protected = req.kv.cache_protected_len
         owned = old[protected:]
         new, released = take_slots(tree, allocator, req, B, owned)
-        for lid, (k, v) in enumerate(kept):
-            kv.set_kv_buffer(None, new, k, v, layer_id_override=lid)
+        layout = row_layout.assign(counts, new, kv.get_key_buffer(0).shape[0])
+        if uniform:
+            for lid, (k, v) in enumerate(kept):  # slot j <- every head's j-th kept token
+                kv.set_kv_buffer(None, new, k[:, :B].transpose(0, 1).contiguous(), v[:, :B].transpose(0, 1).contiguous(),
+                                 layer_id_override=lid)
+        else:
+            layers = range(self.shape.num_layers)
+            row_layout.write([kv.get_key_buffer(i) for i in layers], [kv.get_value_buffer(i) for i in layers],
+                             layout, kept)
+            self.layouts[req.rid] = (layout, row_layout.readers(layout, layout_pool_slots(kv), new.device))
         req_to_token[row, :B] = new.to(req_to_token.dtype)
         if released:
             self.totals["room_from_own_prompt"] += 1
@@ -328,17 +346,19 @@ class Runtime:
             batch.seq_lens_cpu[i] = B
         batch.seq_lens_sum = None
 
-        rec = Record(req.rid, cap.policy.name, N, B, int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
+        rec = Record(req.rid, cap.policy.name, N, B, layout.rows_per_layer, "rank-slot" if uniform else "rows",
+                     int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
         self.records[req.rid] = rec
         self.requests[req.rid] = req
-        self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, output_tokens=len(req.output_ids),
-                    room_from_own_prompt=released)
+        self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, rows_kept=int(counts.sum()),
+                    layout=rec.layout, output_tokens=len(req.output_ids), room_from_own_prompt=released)
         for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
                            ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):
             self.totals[key] += value
-        log.info("kvpolicy: rid=%s policy=%s prompt=%d kept=%d slots (%.1f%%) freed=%d released_to_tree=%d "
-                 "queries=%d/%d in %.2fs", req.rid, cap.policy.name, N, B, 100.0 * B / N, rec.slots_freed,
-                 protected, min(queries_seen, N), N, rec.seconds)
+        log.info("kvpolicy: rid=%s policy=%s prompt=%d kept=%d slots (%.1f%%) layout=%s rows/layer=%s freed=%d "
+                 "released_to_tree=%d queries=%d/%d in %.2fs", req.rid, cap.policy.name, N, B, 100.0 * B / N,
+                 rec.layout, _span(rec.rows_per_layer), rec.slots_freed, protected, min(queries_seen, N), N,
+                 rec.seconds)
 
     def prefix_limit(self, req, input_len: int, limit: int) -> int:
         """How much of a prompt a radix match may cover: a request that will
@@ -352,6 +372,38 @@ class Runtime:
         return max(min(limit, input_len - pipe.window), 0)
 
     # -- 3. decode -----------------------------------------------------------------
+
+    def _decode_rows(self, batch, forward_batch) -> list[tuple]:
+        """The decode forward's requests in the row layout: (row in the batch,
+        per-layer readers, the slots it decoded into since compression)."""
+        table = self.pools[0].req_to_token
+        lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens.cpu()
+        rows = []
+        for i, req in enumerate(batch.reqs):
+            entry = self.layouts.get(req.rid)
+            if entry is not None:
+                layout, readers = entry
+                decoded = table[req.kv.req_pool_idx, layout.slots.numel():int(lens[i])].to(torch.long)
+                rows.append((i, readers, decoded))
+        return rows
+
+    def attend(self, layer, q: torch.Tensor, out, forward_batch):
+        """After SGLang's attention of a decode forward: the rows of requests in
+        the row layout are recomputed over their own rows (SGLang read their
+        ``req_to_token`` as if it were rank-slot; the result is replaced)."""
+        if not forward_batch.forward_mode.is_decode() or not isinstance(out, torch.Tensor):
+            return out
+        kv = self.pools[1]
+        lid, H = layer.layer_id, layer.tp_q_head_num
+        o = out.view(out.shape[0], H, -1)
+        qs = q.reshape(q.shape[0], H, -1)
+        pool_slots = layout_pool_slots(kv)
+        attend = _attend_for(q.device)
+        for i, readers, decoded in self.decode_rows:
+            res = row_layout.decode_attention(qs[i], lid, readers[lid], decoded, kv.get_key_buffer, kv.get_value_buffer,
+                                              pool_slots, layer.scaling, float(layer.logit_cap or 0.0), attend)
+            o[i] = res.to(o.dtype)
+        return out
 
     def shift_positions(self, batch, forward_batch) -> None:
         """Decode positions: SGLang's ``seq_len - 1`` plus ``N - B``."""
@@ -375,6 +427,7 @@ class Runtime:
         capturing = self.captures.pop(rid, None) is not None
         record = self.records.pop(rid, None)
         self.requests.pop(rid, None)
+        self.layouts.pop(rid, None)
         if record is None and not capturing:
             return None
         finished = req.finished()
@@ -412,10 +465,30 @@ class Runtime:
         if compressed.numel() and tree_slots and hasattr(tree, "all_values_flatten"):
             in_tree = int(torch.isin(compressed, tree.all_values_flatten().to(compressed.device)).sum())
         shared = int(compressed.numel() - torch.unique(compressed).numel())
+        rows_shared, rows_outside = self._row_checks(tree.req_to_token_pool)
         return {"tree_slots": tree_slots, "tree_evictable_plus_protected": int(tree.evictable_size())
                 + int(tree.protected_size()), "compressed_slots": int(compressed.numel()),
                 "compressed_slots_in_tree": in_tree, "compressed_slots_shared": shared,
+                "compressed_rows_shared": rows_shared, "compressed_rows_outside_own_slots": rows_outside,
                 "captures_pending": len(self.captures)}
+
+    def _row_checks(self, req_to_token_pool) -> tuple[int, int]:
+        """Rows of the row layout held twice (by two requests, or one twice),
+        and rows outside the slots their request holds for its prompt."""
+        if not self.layouts:
+            return 0, 0
+        kv = self.pools[1]
+        S, H = layout_pool_slots(kv), kv.get_key_buffer(0).shape[1]
+        table = req_to_token_pool.req_to_token
+        all_rows, outside = [], 0
+        for rid, (layout, _) in self.layouts.items():
+            req = self.requests.get(rid)
+            rows = torch.cat([t[t >= 0] for t in layout.rows])
+            all_rows.append(rows)
+            held = table[req.kv.req_pool_idx, :layout.slots.numel()].to(torch.long).cpu() if req else layout.slots
+            outside += int((~torch.isin((rows // H) % S, held)).sum())
+        rows = torch.cat(all_rows)
+        return int(rows.numel() - rows.unique().numel()), outside
 
     def compressed_slots(self, req_to_token_pool) -> torch.Tensor:
         """Every slot the running compressed requests hold."""
@@ -452,6 +525,30 @@ class Runtime:
             "invariants": self._invariants_or_error(tree),
             "events": list(self.events),
         }
+
+
+def layout_pool_slots(kv) -> int:
+    """Slots per layer buffer of SGLang's pool (its size plus the padding page)."""
+    return kv.get_key_buffer(0).shape[0]
+
+
+def _attend_for(device: torch.device):
+    """The Triton split-decode kernel where it runs compiled, else the torch reference."""
+    if device.type == "cuda":
+        from kvpolicy import kernels
+
+        if kernels.available("cuda") == "compiled":
+            from kvpolicy.kernels.attention import split_decode_attention as kernel
+
+            return kernel
+    return split_decode_attention
+
+
+def _span(values: list[int]) -> str:
+    """``[a..b]`` for a per-layer list (all of it when short)."""
+    if len(set(values)) == 1:
+        return f"{values[0]}x{len(values)}"
+    return str(values) if len(values) <= 8 else f"{min(values)}..{max(values)} (sum {sum(values)})"
 
 
 def release_hold(tree, allocator, req, owned: torch.Tensor) -> None:

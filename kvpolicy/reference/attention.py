@@ -90,3 +90,30 @@ def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | N
         if out is not None:
             out[:, start:stop] = probs @ v[:, :visible]
     return out, acc
+
+
+def split_decode_attention(queries: Tensor, keys: Tensor, values: Tensor, kept: Tensor, split: Tensor,
+                           end: Tensor, scale: float, logit_cap: float = 0.0) -> Tensor:
+    """One decode step of attention for sequences that each read two ranges of
+    their own key rows: a KV head's kept prompt tokens and its decoded tokens.
+
+    How a compressed request is read when its KV heads keep different numbers
+    of tokens (ARCHITECTURE.md § Variable budgets): one sequence per
+    (request, KV head), its ``kept[s]`` prompt rows first (padding after
+    them), then from ``split[s]`` the ``end[s] - split[s]`` tokens decoded
+    since compression.
+
+    ``queries [S, n_rep, d]`` (the query heads of sequence ``s``'s GQA group),
+    ``keys [S, M, d]``, ``values [S, M, d_v]``; sequence ``s`` reads positions
+    ``[0, kept[s])`` and ``[split[s], end[s])``. Softmax in fp32 with
+    ``scale``; ``logit_cap > 0`` applies ``cap * tanh(logit / cap)`` (Gemma-style
+    soft capping, as SGLang's backends do). Returns ``[S, n_rep, d_v]`` fp32.
+    """
+    M = keys.shape[1]
+    pos = torch.arange(M, device=keys.device)[None, :]
+    visible = (pos < kept[:, None]) | ((pos >= split[:, None]) & (pos < end[:, None]))  # [S, M]
+    logits = torch.einsum("srd,smd->srm", queries.float(), keys.float()) * scale
+    if logit_cap > 0:
+        logits = logit_cap * torch.tanh(logits / logit_cap)
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("srm,smd->srd", torch.softmax(logits, dim=-1), values.float())

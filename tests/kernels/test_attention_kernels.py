@@ -246,3 +246,37 @@ def test_bench_runs_and_takes_extra_cases(tmp_path, device):
         assert r["max_abs_diff"] is not None and math.isfinite(r["max_abs_diff"]) and r["max_abs_diff"] < 1e-3
     if device == "cpu":
         assert data["mode"] == "interpreted" and "not a speed figure" in data["note"]
+
+
+# (sequences, n_rep, padded rows M, d, d_v, block, logit cap): GQA 1:1 and 4:1; kept
+# counts that leave padding before the decoded tokens; M never a multiple of the block
+SPLIT_SHAPES = [(3, 1, 37, 64, 64, 16, 0.0), (4, 4, 100, 128, 128, 32, 0.0), (2, 3, 45, 64, 32, 16, 30.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S, n_rep, M, d, d_v, block, cap", SPLIT_SHAPES)
+def test_split_decode_attention_matches_reference(device, dtype, S, n_rep, M, d, d_v, block, cap):
+    g = torch.Generator().manual_seed(S * M)
+    q = (torch.randn(S, n_rep, d, generator=g) * 2).to(dtype).to(device)
+    k = torch.randn(S, M, d, generator=g).to(dtype).to(device)
+    v = torch.randn(S, M, d_v, generator=g).to(dtype).to(device)
+    split = torch.full((S,), M - 5)
+    kept = torch.randint(1, M - 5, (S,), generator=g)
+    kept[0] = M - 5  # one sequence with no padding at all
+    end = split + torch.randint(1, 6, (S,), generator=g)
+    scale = 1 / math.sqrt(d)
+    expected = R.split_decode_attention(q, k, v, kept, split, end, scale, cap)
+    actual = K.split_decode_attention(q, k, v, kept.to(device), split.to(device), end.to(device), scale, cap,
+                                      block=block)
+    close(actual.cpu(), expected.cpu(), **OUTPUT[dtype])
+
+
+def test_split_decode_attention_reads_only_the_two_ranges():
+    """Hand-built: rows outside [0, kept) and [split, end) hold huge keys and
+    values that would dominate if they were read; the answer is the softmax
+    over the visible rows alone."""
+    q = torch.ones(1, 1, 2)
+    k = torch.tensor([[[1.0, 0.0], [50.0, 50.0], [0.0, 1.0], [50.0, 50.0]]])
+    v = torch.tensor([[[1.0], [1e6], [3.0], [1e6]]])
+    out = R.split_decode_attention(q, k, v, torch.tensor([1]), torch.tensor([2]), torch.tensor([3]), 1.0)
+    torch.testing.assert_close(out, torch.tensor([[[2.0]]]))  # equal logits: the mean of 1 and 3

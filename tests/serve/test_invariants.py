@@ -15,7 +15,8 @@ HEALTHY_IDLE = {
     "max_total_num_tokens": 1024, "available_slots": 700, "evictable_slots": 324, "protected_slots": 0,
     "running": {}, "totals": {"invariant_violations": 0},
     "invariants": {"tree_slots": 324, "tree_evictable_plus_protected": 324, "compressed_slots": 0,
-                   "compressed_slots_in_tree": 0, "compressed_slots_shared": 0, "captures_pending": 0},
+                   "compressed_slots_in_tree": 0, "compressed_slots_shared": 0, "compressed_rows_shared": 0,
+                   "compressed_rows_outside_own_slots": 0, "captures_pending": 0},
 }
 
 
@@ -38,6 +39,8 @@ def test_a_healthy_idle_state_has_no_problems():
     ("invariants.tree_slots", 330, "evictable + protected"),
     ("invariants.compressed_slots_in_tree", 3, "in the radix tree"),
     ("invariants.compressed_slots_shared", 2, "more than one compressed request"),
+    ("invariants.compressed_rows_shared", 2, "held twice"),
+    ("invariants.compressed_rows_outside_own_slots", 1, "outside their request's slots"),
     ("totals.invariant_violations", 1, "invariant violations"),
 ])
 def test_each_broken_invariant_is_named(path, value, words):

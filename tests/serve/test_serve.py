@@ -159,7 +159,7 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
 BAD_POLICIES = [
     ("policy broken\nbudget 10 tokns\n", "broken.kvp", "broken.kvp:2"),
     (None, "missing.kvp", "not found"),
-    ("policy p\nextends pyramidkv\n", "pyr.kvp", "cannot be served by SGLang's pool"),
+    ("policy p\nextends snapkv\ntrigger prefill, every 256 tokens\n", "decode.kvp", "recompresses during decoding"),
 ]
 
 
