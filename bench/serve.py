@@ -3,8 +3,9 @@ a policy, and how fast they decode: one run, the same requests, side by side.
 
     python bench/serve.py                       # ems at 10%, 8 x 4k-token requests, 16384-slot pool
     python bench/serve.py --policy snapkv --budget 5% --requests 12
+    python bench/serve.py --policy ems compresskv adakv   # several policies, each beside no policy
 
-For each configuration (no ``--kv-policy``, then the policy) it starts a real
+For each configuration (no ``--kv-policy``, then each policy) it starts a real
 SGLang server with ``--max-total-tokens`` slots, sends every request at once
 (distinct haystack prompts, no shared prefix, greedy, ``--max-tokens`` each)
 over the OpenAI streaming API, and measures
@@ -17,6 +18,11 @@ over the OpenAI streaming API, and measures
   (prefills of later requests run inside that span), and the steady rate:
   tokens decoded after the last request's first token, when no prefill runs,
   over that tail;
+* slots per request: what each compressed request's prompt holds in the
+  pool (from the server's counters; per-layer and per-head budgets pack into
+  ``ceil(rows / (layers * KV heads))`` slots);
+* time to first token (median) and total throughput, (prompt + generated
+  tokens) / wall;
 * wall time for the whole batch.
 
 It prints one table and writes ``bench/results/serve_<model>_<pool>.json``.
@@ -68,6 +74,18 @@ def peak_overlap(spans: list[tuple[float, float]]) -> int:
     return best
 
 
+def median(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def slots_per_request(totals: dict | None) -> float | None:
+    """Prompt slots a compressed request held, on average (``None``: no policy)."""
+    if not totals or not totals.get("requests_compressed"):
+        return None
+    return totals["slots_kept"] / totals["requests_compressed"]
+
+
 def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
     from kvpolicy.sglang_ext import server as srv
 
@@ -112,6 +130,9 @@ def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
         "steady_decode_tokens": steady_tokens,
         "steady_decode_tokens_per_s": steady_tokens / steady_span if steady_span > 0 else None,
         "time_to_first_token_s": sorted(r["tokens"][0] - r["sent"] for r in results if r["tokens"]),
+        "median_time_to_first_token_s": median([r["tokens"][0] - r["sent"] for r in results if r["tokens"]]),
+        "total_tokens_per_s": (sum(map(len, tokenizer_prompts)) + decoded + len(spans)) / wall,
+        "slots_per_request": slots_per_request(state.get("totals")),
         "wall_s": wall,
         "kvpolicy_totals": state.get("totals"),
     }
@@ -119,14 +140,15 @@ def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policy", default="ems", help="shipped policy name or .kvp file (default: ems)")
+    ap.add_argument("--policy", nargs="+", default=["ems"],
+                    help="shipped policy names or .kvp files, each run beside no policy (default: ems)")
     ap.add_argument("--budget", default="10%", help="budget for the policy (default: 10%%)")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--max-total-tokens", type=int, default=16384)
     ap.add_argument("--model", help="HF model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--out", type=Path, help="JSON path (default: bench/results/serve_<model>_<pool>.json)")
+    ap.add_argument("--out", type=Path, help="JSON path (default: bench/results/serve_<model>_<pool>_<policies>.json)")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -137,38 +159,47 @@ def main(argv=None) -> int:
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)
     batch = prompts(tok, args.requests, args.prompt_len)
-    policy = load(args.policy).with_budget(args.budget)
     log_dir = RESULTS / "logs"
-    policy_file = log_dir / f"{policy.name}_serve.kvp"
     log_dir.mkdir(parents=True, exist_ok=True)
-    policy_file.write_text(policy.to_kvp())
+    policies = [load(name).with_budget(args.budget) for name in args.policy]
 
-    rows = [run_config(model, "no policy", None, args, batch, log_dir),
-            run_config(model, f"{policy.name} {args.budget}", str(policy_file), args, batch, log_dir)]
-    base, comp = rows
-    ratios = {
-        "peak_decoding_together": comp["peak_decoding_together"] / max(base["peak_decoding_together"], 1),
-        "decode_tokens_per_s": (comp["decode_tokens_per_s"] or 0) / (base["decode_tokens_per_s"] or float("nan")),
-        "steady_decode_tokens_per_s": ((comp["steady_decode_tokens_per_s"] or 0)
-                                       / (base["steady_decode_tokens_per_s"] or float("nan"))),
-        "wall_s": comp["wall_s"] / base["wall_s"],
-    }
+    base = run_config(model, "no policy", None, args, batch, log_dir)
+    rows, ratios = [base], {}
+    for policy in policies:
+        policy_file = log_dir / f"{policy.name}_serve.kvp"
+        policy_file.write_text(policy.to_kvp())
+        comp = run_config(model, f"{policy.name} {args.budget}", str(policy_file), args, batch, log_dir)
+        rows.append(comp)
+        ratios[comp["label"]] = {key: _ratio(comp[key], base[key]) for key in RATIO_KEYS}
     print(f"\n{args.requests} requests x {args.prompt_len} tokens, {args.max_tokens} new each, "
           f"pool of {args.max_total_tokens} slots")
-    print(f"{'':22s} {'decoding together':>18s} {'decode tok/s':>13s} {'steady tok/s':>13s} {'wall s':>8s}")
+    head = ["decoding together", "slots/request", "decode tok/s", "steady tok/s", "TTFT s", "total tok/s", "wall s"]
+    print(f"{'':24s}" + "".join(f"{h:>18s}" for h in head))
     for r in rows:
-        print(f"{r['label']:22s} {r['peak_decoding_together']:>18d} {r['decode_tokens_per_s'] or 0:>13.2f} "
-              f"{r['steady_decode_tokens_per_s'] or 0:>13.2f} {r['wall_s']:>8.1f}")
-    print(f"{'ratio (policy / none)':22s} {ratios['peak_decoding_together']:>18.2f} "
-          f"{ratios['decode_tokens_per_s']:>13.2f} {ratios['steady_decode_tokens_per_s']:>13.2f} "
-          f"{ratios['wall_s']:>8.2f}")
-    out = args.out or RESULTS / f"serve_{model_name(model) or 'model'}_{args.max_total_tokens}.json"
+        cells = [r["peak_decoding_together"], r["slots_per_request"] or args.prompt_len, r["decode_tokens_per_s"],
+                 r["steady_decode_tokens_per_s"], r["median_time_to_first_token_s"], r["total_tokens_per_s"],
+                 r["wall_s"]]
+        print(f"{r['label']:24s}" + "".join(f"{c or 0:>18.2f}" for c in cells))
+    for label, ratio in ratios.items():
+        print(f"{'ratio ' + label:24s}{ratio['peak_decoding_together']:>18.2f}{'':>18s}"
+              + "".join(f"{ratio[k]:>18.2f}" for k in RATIO_KEYS[1:]))
+    names = "_".join(p.name for p in policies)
+    out = args.out or RESULTS / f"serve_{model_name(model) or 'model'}_{args.max_total_tokens}_{names}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     shown = str(out.relative_to(ROOT.parent)) if out.is_relative_to(ROOT.parent) else out.name
-    out.write_text(json.dumps({"args": vars(args) | {"out": shown}, "policy_text": policy.to_kvp(),
+    out.write_text(json.dumps({"args": vars(args) | {"out": shown},
+                               "policy_texts": {p.name: p.to_kvp() for p in policies},
                                "rows": rows, "ratios": ratios}, indent=2, default=str))
     print(f"wrote {out}")
     return 0
+
+
+RATIO_KEYS = ["peak_decoding_together", "decode_tokens_per_s", "steady_decode_tokens_per_s",
+              "median_time_to_first_token_s", "total_tokens_per_s", "wall_s"]
+
+
+def _ratio(a, b) -> float:
+    return (a or 0) / b if b else float("nan")
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ class Runtime:
                      int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
         self.records[req.rid] = rec
         self.requests[req.rid] = req
-        self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, rows_kept=int(counts.sum()),
+        self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, rows_per_layer=rec.rows_per_layer,
                     layout=rec.layout, output_tokens=len(req.output_ids), room_from_own_prompt=released)
         for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
                            ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):

@@ -7,11 +7,30 @@ from kvpolicy.evaluate import NeedleSpec, chat_ids
 from kvpolicy.haystack import haystack_text
 from kvpolicy.sglang_ext.server import invariant_problems
 
-__all__ = ["LISBON", "HangUp", "assert_healthy", "chat_ids", "hang_up_after", "hay", "stream_completion"]
+__all__ = ["LISBON", "HangUp", "assert_healthy", "assert_packed", "chat_ids", "hang_up_after", "hay",
+           "stream_completion"]
 
 # A needle the 135M model retrieves from EMS's 10% cache at this length and
 # depth (its 7-digit numbers lose their digits when merged: README § Results).
 LISBON = NeedleSpec("Mary's favourite city is Lisbon.", "What is Mary's favourite city?", "Lisbon")
+
+
+def assert_packed(event: dict, policy, prompt_len: int) -> None:
+    """A ``compressed`` event holds what the policy plans for this prompt:
+    each layer keeps ``H_kv * min(B_l, N)`` rows (per-head budgets of a
+    layer sum to that), and the prompt holds ``ceil(rows / (L * H_kv))``
+    slots -- the packing overhead is under one slot."""
+    from kvpolicy.budgets import DEFAULT_MODEL as shape
+    from kvpolicy.pipeline import compile_pipeline
+
+    budgets = compile_pipeline(policy, shape, prompt_len).plan.layer_budgets
+    rows = [shape.num_kv_heads * min(b, prompt_len) for b in budgets]
+    assert event["rows_per_layer"] == rows, (event["rows_per_layer"], rows)
+    assert event["slots_kept"] == -(-sum(rows) // (shape.num_layers * shape.num_kv_heads))
+    if len(set(rows)) > 1:  # layers keep different numbers of tokens
+        assert event["layout"] == "rows"
+    elif policy.selection.unit != "pooled" and policy.selection.keep.p is None:  # every head keeps B_l
+        assert event["layout"] == "rank-slot"
 
 
 def hay(tokenizer, n: int, offset: int = 0) -> str:

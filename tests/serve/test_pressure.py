@@ -18,9 +18,9 @@ import torch
 
 from kvpolicy.evaluate import niah_prompt
 from kvpolicy.registry import load
-from kvpolicy.sglang_ext.server import invariant_problems
+from kvpolicy.sglang_ext.server import held_slots, invariant_problems
 
-from .helpers import LISBON, assert_healthy, chat_ids, hay
+from .helpers import LISBON, assert_healthy, assert_packed, chat_ids, hay
 
 
 def kinds(events):
@@ -85,19 +85,26 @@ def test_cancel_during_chunked_prefill(pressure_server, tokenizer):
     assert state["totals"]["captures_dropped"] == dropped + 1
 
 
+@pytest.mark.parametrize("policy", [None, "compresskv"])
 @pytest.mark.parametrize("phase", ["right after compression", "during decode"])
-def test_cancel_a_compressed_request(pressure_server, tokenizer, phase):
+def test_cancel_a_compressed_request(pressure_server, tokenizer, phase, policy):
     """Cancelled once compressed: its ``B + t`` private slots go back, the
     exact prompt stays in the tree (evictable), nothing compressed is
-    inserted."""
+    inserted. With the launch policy (EMS, the rank-slot layout) and with
+    CompressKV (per-layer budgets, the row layout)."""
     server = pressure_server
-    rid = "cancel-" + phase.replace(" ", "-")
-    ids = long_prompt(tokenizer, 33000 if phase == "during decode" else 34000)
-    target = server.generate_in_background(ids, KEEP_DECODING, rid, ignore_eos=True)
+    rid = "cancel-" + phase.replace(" ", "-") + f"-{policy}"
+    ids = long_prompt(tokenizer, (33000 if phase == "during decode" else 34000) + (500 if policy else 0))
+    params = {"custom_params": {"kv_policy": policy}} if policy else {}
+    target = server.generate_in_background(ids, KEEP_DECODING, rid, ignore_eos=True, **params)
     events = server.wait_for_event(rid, "compressed")
     state = server.wait_decoded(rid, 8) if phase == "during decode" else server.kv_state()
     assert not invariant_problems(state), invariant_problems(state)
     assert state["invariants"]["compressed_slots"] >= events[-1]["slots_kept"]
+    assert_packed(events[-1], load(policy or server.args[-1]), len(ids))
+    if phase == "during decode":  # what it holds: its packed prompt and the tokens it decoded, nothing more
+        decoded = state["scheduler"]["running"][rid]
+        assert events[-1]["slots_kept"] <= held_slots(state) <= events[-1]["slots_kept"] + decoded + 1
     server.abort(rid)
     reply = target.result()
     assert reply["meta_info"]["finish_reason"]["type"] == "abort", reply
@@ -115,13 +122,15 @@ def test_cancel_a_compressed_request(pressure_server, tokenizer, phase):
 
 
 @pytest.mark.slow
-def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, model_dir):
+@pytest.mark.parametrize("policy", ["snapkv", "compresskv"])
+def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, model_dir, policy):
     """A 1024-slot pool: two exact requests (A, B) and a compressed one (C)
     decode until the pool is full. SGLang evicts the radix tree, then
     retracts the request with the fewest tokens out: C. C is prefilled again
     (prompt + the tokens it had) and compressed again from scratch, and its
     tokens before and after equal the transformers path's, compressed the
-    same way at each point."""
+    same way at each point. C runs SnapKV (the rank-slot layout) or
+    CompressKV (per-layer budgets, the row layout)."""
     from kvpolicy import hf
     from kvpolicy.models import load_model
 
@@ -141,8 +150,9 @@ def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, mod
     server.wait_decoded("press-A", 8)
     server.wait_decoded("press-B", 8)
     c_ids = chat_ids(tokenizer, hay(tokenizer, 420, offset=43000) + "\n\nWhat is this text about?")
-    snap64 = {"kv_policy": "snapkv", "kv_budget": "64"}
-    c = server.generate_in_background(c_ids, 300, "press-C", custom_params=snap64, ignore_eos=True)
+    c_rid = f"press-C-{policy}"
+    c = server.generate_in_background(c_ids, 300, c_rid, custom_params={"kv_policy": policy, "kv_budget": "64"},
+                                      ignore_eos=True)
     seen_problems = []
     while c.alive():
         state = server.kv_state()
@@ -155,24 +165,25 @@ def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, mod
 
     c_reply = replies[2]
     assert c_reply["meta_info"]["num_retractions"] >= 1, c_reply["meta_info"]
-    events = server.events("press-C")
+    events = server.events(c_rid)
     assert kinds(events)[:3] == ["capture", "compressed", "released"], events
     assert not events[2]["finished"] and events[2]["compressed"]  # retracted while compressed
     last_capture = [e for e in events if e["event"] == "capture"][-1]
     assert kinds(events)[-3:] == ["capture", "compressed", "released"] and events[-1]["finished"], events
     t_r = last_capture["prompt_tokens"] - len(c_ids)  # tokens it had when last retracted
     assert 0 < t_r < 300
-    assert events[-2]["prompt_tokens"] == len(c_ids) + t_r and events[-2]["slots_kept"] == 64
+    chosen = load(policy).with_budget("64")
+    assert events[-2]["prompt_tokens"] == len(c_ids) + t_r
+    assert_packed(events[-2], chosen, len(c_ids) + t_r)
     assert server.kv_state()["totals"]["compressed_retracted"] > retracted
 
     out = c_reply["output_ids"]
     lm, _, shape = load_model(str(model_dir))
-    policy = load("snapkv").with_budget("64")
     k = min(16, events[2]["output_tokens"])
-    before, _ = hf.generate(lm, torch.tensor([c_ids]), policy, shape, max_new_tokens=k)
+    before, _ = hf.generate(lm, torch.tensor([c_ids]), chosen, shape, max_new_tokens=k)
     assert out[:k] == before[0].tolist()
     k = min(16, 300 - t_r)
-    after, _ = hf.generate(lm, torch.tensor([c_ids + out[:t_r]]), policy, shape, max_new_tokens=k)
+    after, _ = hf.generate(lm, torch.tensor([c_ids + out[:t_r]]), chosen, shape, max_new_tokens=k)
     assert out[t_r:t_r + k] == after[0].tolist()
 
     # Z was evicted from the tree under the pressure, and is still served exactly
@@ -188,7 +199,8 @@ def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, mod
 @pytest.mark.slow
 def test_parallel_sampling_and_a_shared_prefix(plain_server, ems_server, tokenizer):
     """n = 3 samples of one prompt, then four requests sharing a long prefix,
-    two compressed and two exact: each compressed request has its own slots,
+    two compressed (EMS, rank-slot; CompressKV, row layout) and two exact:
+    each compressed request has its own slots,
     none in the tree, and the exact ones answer as a server without policy."""
     server = ems_server
     context = hay(tokenizer, 1200, offset=50000)
@@ -210,7 +222,7 @@ def test_parallel_sampling_and_a_shared_prefix(plain_server, ems_server, tokeniz
     assert len({e["rid"] for e in compressed if e["prompt_tokens"] == len(prompt)}) == 3, compressed
 
     questions = ["Name one keyword.", "Is it fiction?", "Who is the author?", "Give it a title."]
-    custom = [None, {"kv_policy": "full"}, None, {"kv_policy": "full"}]
+    custom = [None, {"kv_policy": "full"}, {"kv_policy": "compresskv"}, {"kv_policy": "full"}]
     jobs = []
     for i, (q, cp) in enumerate(zip(questions, custom)):
         params = {"custom_params": cp} if cp else {}

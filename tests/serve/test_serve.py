@@ -18,7 +18,7 @@ from kvpolicy.sglang_ext import server as srv
 from kvpolicy.sglang_ext.server import held_slots
 
 from .conftest import EMS_10, SERVER_FLAGS
-from .helpers import LISBON, HangUp, assert_healthy, chat_ids, hang_up_after, hay, stream_completion
+from .helpers import LISBON, HangUp, assert_healthy, assert_packed, chat_ids, hang_up_after, hay, stream_completion
 
 
 @pytest.mark.slow
@@ -70,17 +70,27 @@ def test_full_policy_is_token_identical_to_a_server_without_policy(plain_server,
     assert_healthy(ems_server, tokenizer)
 
 
-def test_snapkv_served_equals_the_transformers_path(ems_server, tokenizer, model_dir):
+@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv", "compresskv"])
+def test_served_equals_the_transformers_path(ems_server, tokenizer, model_dir, policy):
+    """Greedy tokens from the server equal ``hf.generate`` under the same
+    policy: equal budgets (snapkv, the rank-slot layout), per-layer budgets
+    (pyramidkv, compresskv) and per-head budgets (adakv), the last three in
+    the row layout, each holding the slots its plan says."""
     from kvpolicy import hf
     from kvpolicy.models import load_model
 
     ids = chat_ids(tokenizer, hay(tokenizer, 400, offset=9000) + "\n\nWhat is this text about?")
-    served = ems_server.generate(ids, 24, custom_params={"kv_policy": "snapkv", "kv_budget": "96"})
+    rid = f"parity-{policy}"
+    served = ems_server.generate(ids, 24, rid=rid, custom_params={"kv_policy": policy, "kv_budget": "96"})
     lm, tok, shape = load_model(str(model_dir))
-    new, state = hf.generate(lm, torch.tensor([ids]), load("snapkv").with_budget("96"), shape, max_new_tokens=24)
+    chosen = load(policy).with_budget("96")
+    new, state = hf.generate(lm, torch.tensor([ids]), chosen, shape, max_new_tokens=24)
     expected = tok.decode(new[0], skip_special_tokens=True)
     assert served["text"] == expected, (served["text"], expected)
     assert served["meta_info"]["completion_tokens"] == 24
+    (event,) = [e for e in ems_server.events(rid) if e["event"] == "compressed"]
+    assert_packed(event, chosen, len(ids))
+    assert event["rows_per_layer"] == state.kept[0]  # what the transformers path kept, layer by layer
     assert_healthy(ems_server, tokenizer)
 
 
@@ -117,11 +127,12 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
 
     lengths = [60, 150, 300, 600, 1200]
     policies = [None, {"kv_policy": "snapkv"}, {"kv_policy": "full"}, {"kv_policy": "streamingllm"},
-                {"kv_policy": "h2o", "kv_budget": "20%"}]
+                {"kv_policy": "h2o", "kv_budget": "20%"}, {"kv_policy": "compresskv"},
+                {"kv_policy": "adakv", "kv_budget": "15%"}, {"kv_policy": "pyramidkv", "kv_budget": "10%"}]
     jobs = []
     for i in range(30):
         prompt = chat_ids(tokenizer, hay(tokenizer, lengths[i % 5], offset=1000 * i) + f"\n\nQuestion {i}: summarise.")
-        jobs.append((i, prompt, [1, 8, 4, 0, 2][i % 5], policies[(i // 5) % 5]))
+        jobs.append((i, prompt, [1, 8, 4, 0, 2][i % 5], policies[i % len(policies)]))
     outcomes = {"ok": 0, "rejected": 0, "aborted": 0}
     lock = threading.Lock()
 
