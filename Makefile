@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kvpolicy explain ems --prompt-len 4096
 	$(PY) examples/compose.py
 	$(VENV)/bin/kvpolicy model prepare
-	$(PY) examples/demo.py
+	$(PY) examples/serve_demo.py
 
 # pytest exits 5 when it collected no tests: that is a failure, said plainly.
 test: $(STAMP)

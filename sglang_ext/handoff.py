@@ -19,6 +19,7 @@ from kvpolicy.errors import PolicyError
 
 ENV_POLICY = "KVPOLICY_SERVE_POLICY"  # the --kv-policy value (a path or a shipped name), for logs and checks
 ENV_POLICY_IR = "KVPOLICY_SERVE_POLICY_IR"  # the launch policy's IR, for the schedulers
+ENV_POLICY_DIR = "KVPOLICY_SERVE_POLICY_DIR"  # --kv-policy-dir, checked at launch, read by the HTTP process
 REQUEST_POLICY = "kv_policy"  # custom_params keys a request may set
 REQUEST_BUDGET = "kv_budget"
 REQUEST_IR = "_kvpolicy_ir"  # written by the HTTP process only

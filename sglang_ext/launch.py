@@ -20,9 +20,13 @@ from pathlib import Path
 from kvpolicy import ir, wire
 from kvpolicy.errors import PolicyError
 from kvpolicy.registry import load, shipped_names
-from kvpolicy.sglang_ext.handoff import ENV_POLICY, ENV_POLICY_IR, REQUEST_BUDGET, REQUEST_POLICY
+from kvpolicy.sglang_ext.handoff import ENV_POLICY, ENV_POLICY_DIR, ENV_POLICY_IR, REQUEST_BUDGET, REQUEST_POLICY
 
 FLAG = "--kv-policy"
+DIR_FLAG = "--kv-policy-dir"
+DIR_HELP = ("kvpolicy: a folder of .kvp files that requests may pick by file name "
+            "(custom_params kv_policy=NAME), besides the shipped policies; every file is checked at launch. "
+            "Without --kv-policy, requests that name no policy are served exact.")
 HELP = ("kvpolicy: compress each request's KV cache in SGLang's pool after its prefill with this policy "
         "(a .kvp file or a shipped name: " + ", ".join(shipped_names()) + "). "
         "The radix cache stays on; see the kvpolicy README, 'Serving'.")
@@ -37,14 +41,47 @@ class LaunchError(Exception):
 def add_flag(parser: argparse.ArgumentParser) -> None:
     if not any(FLAG in a.option_strings for a in parser._actions):
         parser.add_argument(FLAG, type=str, default=None, metavar="POLICY", help=HELP)
+    if not any(DIR_FLAG in a.option_strings for a in parser._actions):
+        parser.add_argument(DIR_FLAG, type=str, default=None, metavar="DIR", help=DIR_HELP)
+
+
+def policy_args(argv: list[str]) -> tuple[str | None, str | None]:
+    """The ``--kv-policy`` and ``--kv-policy-dir`` values in an SGLang command line (``None`` if absent)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_flag(parser)
+    known, _ = parser.parse_known_args(argv)
+    return known.kv_policy, known.kv_policy_dir
 
 
 def policy_arg(argv: list[str]) -> str | None:
     """The ``--kv-policy`` value in an SGLang command line (``None`` if absent)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_flag(parser)
-    known, _ = parser.parse_known_args(argv)
-    return known.kv_policy
+    return policy_args(argv)[0]
+
+
+def folder_policies(folder: str | Path) -> dict[str, Path]:
+    """The ``.kvp`` files of an operator's policy folder, by the name requests
+    use (the file name without ``.kvp``). A name that is also a shipped
+    policy's is refused: a request's ``kv_policy`` must mean one thing."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise PolicyError(f"{DIR_FLAG} {folder}: not a folder")
+    files = {f.stem: f.resolve() for f in sorted(path.glob("*.kvp"))}
+    if not files:
+        raise PolicyError(f"{DIR_FLAG} {folder}: no .kvp files in it")
+    if clash := sorted(set(files) & set(shipped_names())):
+        raise PolicyError(f"{DIR_FLAG} {folder}: {', '.join(f + '.kvp' for f in clash)} would shadow the shipped "
+                          "policy of that name; rename the file")
+    return files
+
+
+def check_folder(folder: str) -> dict[str, ir.Policy]:
+    """Every policy of the folder read and checked as ``--kv-policy`` would be
+    (:class:`PolicyError` with the first bad file's located error), by name."""
+    checked = {}
+    for name, path in folder_policies(folder).items():
+        checked[name] = load(str(path))
+        servable(checked[name])
+    return checked
 
 
 def variable_budgets(policy: ir.Policy) -> str | None:
@@ -107,12 +144,14 @@ def _request_policy(default: ir.Policy, name, budget, cuda_graphs: bool) -> ir.P
     if key not in _request_policies:
         policy = default
         if name is not None:
-            names = shipped_names()
+            folder = _folder()
+            names = sorted(folder) + shipped_names()
             if not isinstance(name, str) or name not in names:
+                where = "the server's policy folder or the shipped policies" if folder else "the shipped policies"
                 raise PolicyError.suggesting(
-                    f"unknown {REQUEST_POLICY} '{name}': a request may name one of the shipped policies "
+                    f"unknown {REQUEST_POLICY} '{name}': a request may name one of {where} "
                     f"({', '.join(names)})", str(name), names)
-            policy = load(name)
+            policy = load(str(folder[name]) if name in folder else name)
         if budget is not None:
             policy = policy.with_budget(str(budget))
         servable(policy, cuda_graphs)
@@ -123,13 +162,19 @@ def _request_policy(default: ir.Policy, name, budget, cuda_graphs: bool) -> ir.P
 _request_policies: dict = {}
 
 
+def _folder() -> dict[str, Path]:
+    """The policy folder the launcher checked (its path is in the environment), by name."""
+    folder = os.environ.get(ENV_POLICY_DIR)
+    return folder_policies(folder) if folder else {}
+
+
 def cuda_graphs_on(args) -> bool:
     """Whether a server with these arguments replays CUDA graphs for decoding."""
     device = getattr(args, "device", None)
     return device in (None, "cuda") and not getattr(args, "disable_cuda_graph", True)
 
 
-def check_server_args(args, policy: ir.Policy | None = None) -> list[str]:
+def check_server_args(args, *policies: ir.Policy) -> list[str]:
     """Flags that conflict with ``--kv-policy``: raise :class:`LaunchError`
     for those that cannot be adjusted, adjust the rest in place and return
     what was changed (to be logged)."""
@@ -140,9 +185,14 @@ def check_server_args(args, policy: ir.Policy | None = None) -> list[str]:
         problems.append("--enable-mixed-chunk: decode requests riding a prefill batch are not compressed yet")
     if getattr(args, "speculative_algorithm", None):
         problems.append("--speculative-algorithm: speculative decoding is not supported with a policy")
-    for flag in ("tp_size", "pp_size", "dp_size"):
-        if (getattr(args, flag, 1) or 1) > 1:
-            problems.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}: one rank only for now")
+    if (getattr(args, "tp_size", 1) or 1) > 1:
+        problems.append(f"--tp-size {args.tp_size}: tensor parallelism is not built: per-layer and pooled "
+                        "selections need an all-reduce of scores across ranks, and every rank must pack the same "
+                        "slots (ARCHITECTURE.md § Parallelism)")
+    if (getattr(args, "pp_size", 1) or 1) > 1:
+        problems.append(f"--pp-size {args.pp_size}: pipeline parallelism is not supported (one stage only)")
+    if (getattr(args, "dp_size", 1) or 1) > 1:
+        problems.append(f"--dp-size {args.dp_size}: data parallelism is not supported yet")
     if getattr(args, "disaggregation_mode", "null") not in (None, "null"):
         problems.append("--disaggregation-mode: prefill/decode disaggregation is not supported")
     if getattr(args, "enable_hierarchical_cache", False):
@@ -155,7 +205,9 @@ def check_server_args(args, policy: ir.Policy | None = None) -> list[str]:
         # its prefill result is processed, i.e. before compression can run.
         args.disable_overlap_schedule = True
         changed.append("overlap scheduling disabled (compression runs between prefill and the first decode step)")
-    if policy is not None and cuda_graphs_on(args) and (why := variable_budgets(policy)):
+    variable = [(p, why) for p in policies if (why := variable_budgets(p))]
+    if variable and cuda_graphs_on(args):
+        policy, why = variable[0]
         args.disable_cuda_graph = True
         changed.append(f"CUDA graphs disabled: '{policy.name}' is served in the row layout ({why}), whose decode "
                        "attention runs outside SGLang's graphs")
@@ -172,21 +224,30 @@ def resolve(spec: str) -> str:
 def prepare(argv: list[str], server_args) -> None:
     """Read, check and hand over the policy named by ``--kv-policy`` in
     ``argv``; exit with status 2 and the error on stderr if it is bad."""
-    spec = policy_arg(argv)
-    if spec is None:
-        os.environ.pop(ENV_POLICY, None)
-        os.environ.pop(ENV_POLICY_IR, None)
+    spec, folder = policy_args(argv)
+    if spec is None and folder is None:
+        for key in (ENV_POLICY, ENV_POLICY_IR, ENV_POLICY_DIR):
+            os.environ.pop(key, None)
         return
+    if spec is None:  # a folder alone: requests that name no policy are served exact
+        spec = "full"
     try:
         policy = load(spec)
         servable(policy)
-        changed = check_server_args(server_args, policy)
+        files = check_folder(folder) if folder is not None else {}
+        changed = check_server_args(server_args, policy, *files.values())
     except (PolicyError, LaunchError) as exc:
         print(f"error: --kv-policy {spec}: {exc}" if isinstance(exc, LaunchError) else str(exc),
               file=sys.stderr)
         sys.exit(2)
     os.environ[ENV_POLICY] = resolve(spec)
     os.environ[ENV_POLICY_IR] = wire.dumps(policy)
+    if folder is not None:
+        os.environ[ENV_POLICY_DIR] = str(Path(folder).expanduser().resolve())
+    else:
+        os.environ.pop(ENV_POLICY_DIR, None)
     log.info("kvpolicy: serving with policy '%s' (%s)", policy.name, os.environ[ENV_POLICY])
+    if files:
+        log.info("kvpolicy: requests may also pick %s from %s", ", ".join(sorted(files)), folder)
     for line in changed:
         log.info("kvpolicy: %s", line)

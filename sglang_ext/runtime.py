@@ -60,6 +60,7 @@ from kvpolicy.reference.scores import LayerInputs
 from kvpolicy.sglang_ext import row_layout
 from kvpolicy.sglang_ext.handoff import request_policy
 from kvpolicy.sglang_ext.invariants import broken_invariants
+from kvpolicy.sglang_ext.metrics import metrics
 
 log = logging.getLogger("kvpolicy")
 
@@ -257,6 +258,7 @@ class Runtime:
         for i, req in enumerate(batch.reqs):
             cap = self.captures.get(req.rid)
             if cap is None:
+                self._count_exact(req)
                 continue
             if req.finished() or req.is_retracted:
                 self.release(req, None)
@@ -268,15 +270,32 @@ class Runtime:
                 self._compress(processor, batch, i, req, cap)
             except _NotCompressed as exc:
                 self.totals["requests_not_compressed"] += 1
+                self._left_exact(exc.reason)
                 self._event(req.rid, "not_compressed", reason=str(exc))
                 log.warning("kvpolicy: rid=%s not compressed, it keeps its exact KV: %s", req.rid, exc)
             except Exception as exc:  # a bug of ours must not take the server down
                 self.totals["requests_not_compressed"] += 1
+                self._left_exact("error")
                 self._event(req.rid, "not_compressed", reason=repr(exc))
                 log.exception("kvpolicy: rid=%s not compressed, it keeps its exact KV", req.rid)
             else:
                 if self.check:
                     self.verify(processor.tree_cache)
+
+    def _count_exact(self, req) -> None:
+        """A request whose whole prompt was just prefilled without a capture:
+        served exact, counted by why (metrics only)."""
+        if metrics() is None or req.finished() or req.inflight_middle_chunks > 0 \
+                or req.kv.kv_committed_len < len(req.origin_input_ids):
+            return
+        policy = self.policy_for(req)
+        self._left_exact("policy_unreadable" if policy is None else
+                         "no_selection" if policy.selection is None else "within_budget")
+
+    @staticmethod
+    def _left_exact(reason: str) -> None:
+        if (m := metrics()) is not None:
+            m.on_left_exact(reason)
 
     def _compress(self, processor, batch, i: int, req, cap: Capture) -> None:
         t0 = time.perf_counter()
@@ -314,7 +333,8 @@ class Runtime:
         B = row_layout.slots_needed(counts)
         uniform = bool((counts == B).all())
         if not uniform and getattr(kv, "store_dtype", kv.dtype) != kv.dtype:
-            raise _NotCompressed(f"the KV cache is stored as {kv.store_dtype}: the row layout needs it unquantised")
+            raise _NotCompressed(f"the KV cache is stored as {kv.store_dtype}: the row layout needs it unquantised",
+                                 "error")
         # Give up the hold on the N uncompressed slots: [0, protected) belong to
         # the tree (unlocked: evictable, still exact cache); the rest were the
         # request's own and go back to the allocator. Normally after the B new
@@ -350,8 +370,11 @@ class Runtime:
                      int(owned.numel()), protected, N - B, time.perf_counter() - t0, skip)
         self.records[req.rid] = rec
         self.requests[req.rid] = req
+        if (m := metrics()) is not None:
+            m.on_compressed(rec)
         self._event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, rows_per_layer=rec.rows_per_layer,
-                    layout=rec.layout, output_tokens=len(req.output_ids), room_from_own_prompt=released)
+                    layout=rec.layout, output_tokens=len(req.output_ids), room_from_own_prompt=released,
+                    seconds=round(rec.seconds, 4))
         for key, value in (("requests_compressed", 1), ("prompt_tokens", N), ("slots_kept", B),
                            ("slots_freed", rec.slots_freed), ("slots_released_to_tree", protected)):
             self.totals[key] += value
@@ -582,7 +605,7 @@ def take_slots(tree, allocator, req, B: int, owned: torch.Tensor) -> tuple[torch
         if allocator.available_size() + tree.evictable_size() + owned.numel() < B:
             if node is not None:
                 req.lock = tree.lock(node)
-            raise _NotCompressed(f"no room for {B} slots even after releasing its own prompt")
+            raise _NotCompressed(f"no room for {B} slots even after releasing its own prompt", "no_room")
         if owned.numel():
             allocator.free(owned)
         released = True
@@ -594,4 +617,9 @@ def take_slots(tree, allocator, req, B: int, owned: torch.Tensor) -> tuple[torch
 
 
 class _NotCompressed(Exception):
-    """The request keeps its exact KV (logged and counted, never silent)."""
+    """The request keeps its exact KV (logged and counted, never silent);
+    ``reason`` is its label in :data:`kvpolicy.sglang_ext.metrics.LEFT_EXACT`."""
+
+    def __init__(self, message: str, reason: str = "capture_incomplete"):
+        super().__init__(message)
+        self.reason = reason

@@ -57,12 +57,23 @@ def ems10_server(model_dir, tmp, extra, env):
                      env={**srv.STRICT_CHECKS, **env})
 
 
+#: the operator's policy folder of the EMS server: requests may pick these by name
+FOLDER_POLICIES = {"tight": "policy tight\nextends snapkv\nbudget 5%\n",
+                   "layered": "policy layered\nextends snapkv\nbudget 15%\nlayers pyramid(beta=10)\n"}
+
+
 @pytest.fixture(scope="session")
 def ems_server(model_dir, tmp_path_factory):
     # chunks of 1024: the 1.5k-2k-token prompts below are prefilled in two
-    # chunks, so capture across chunks is what these tests exercise
-    server = ems10_server(model_dir, tmp_path_factory.mktemp("ems"),
-                          SERVER_FLAGS + ["--chunked-prefill-size", "1024"], {})
+    # chunks, so capture across chunks is what these tests exercise; SGLang's
+    # metrics on (kvpolicy's counters join them); a policy folder
+    tmp = tmp_path_factory.mktemp("ems")
+    folder = tmp / "policies"
+    folder.mkdir()
+    for name, text in FOLDER_POLICIES.items():
+        (folder / f"{name}.kvp").write_text(text)
+    server = ems10_server(model_dir, tmp, SERVER_FLAGS + ["--chunked-prefill-size", "1024", "--enable-metrics",
+                                                          "--kv-policy-dir", str(folder)], {})
     yield server
     server.stop()
 

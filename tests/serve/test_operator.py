@@ -1,0 +1,120 @@
+"""What an operator runs the server with: Prometheus metrics through SGLang's
+``--enable-metrics``, and a folder of policies requests may pick by name
+(``--kv-policy-dir``), checked at launch."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+
+from kvpolicy.sglang_ext import launch
+
+from .conftest import FOLDER_POLICIES
+from .helpers import assert_healthy, chat_ids, hay
+
+
+def scrape(server) -> dict[str, float]:
+    """``kvpolicy:*`` samples of ``/metrics``, by name with labels."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("kvpolicy:"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+
+def test_metrics_count_compressed_and_exact_requests(ems_server, tokenizer):
+    before = scrape(ems_server)
+    ids = chat_ids(tokenizer, hay(tokenizer, 500, offset=70000) + "\n\nWhat is this text about?")
+    reply = ems_server.generate(ids, 4, rid="metrics-compressed")
+    exact = ems_server.generate(ids[:40], 4, rid="metrics-short")  # 10% of 40 tokens is below the window: exact
+    full = ems_server.generate(ids, 4, rid="metrics-full", custom_params={"kv_policy": "full"})
+    assert "text" in reply and "text" in exact and "text" in full
+    (event,) = [e for e in ems_server.events("metrics-compressed") if e["event"] == "compressed"]
+    after = scrape(ems_server)
+    grew = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert total(grew, 'kvpolicy:requests_compressed_total{layout="rank-slot",policy="ems10"}') == 1, grew
+    assert total(grew, 'kvpolicy:prompt_tokens_total{policy="ems10"}') == len(ids)
+    assert total(grew, 'kvpolicy:slots_kept_total{policy="ems10"}') == event["slots_kept"]
+    assert total(grew, 'kvpolicy:slots_freed_total{policy="ems10"}') \
+        + total(grew, 'kvpolicy:slots_released_to_tree_total{policy="ems10"}') == len(ids)
+    assert total(grew, 'kvpolicy:compression_seconds_count{policy="ems10"}') == 1
+    assert total(grew, 'kvpolicy:compression_seconds_sum{policy="ems10"}') == pytest.approx(event["seconds"], abs=1e-3)
+    assert total(grew, 'kvpolicy:requests_left_exact_total{reason="no_selection"}') == 1  # the full one
+    assert total(grew, 'kvpolicy:requests_left_exact_total{reason="within_budget"}') >= 1  # the short one
+    assert_healthy(ems_server, tokenizer)
+
+
+def test_requests_pick_policies_from_the_operators_folder(ems_server, tokenizer):
+    ids = chat_ids(tokenizer, hay(tokenizer, 600, offset=71000) + "\n\nWhat is this text about?")
+    for name in FOLDER_POLICIES:
+        reply = ems_server.generate(ids, 4, rid=f"folder-{name}", custom_params={"kv_policy": name})
+        assert "text" in reply, reply
+        (event,) = [e for e in ems_server.events(f"folder-{name}") if e["event"] == "compressed"]
+        assert event["layout"] == ("rank-slot" if name == "tight" else "rows")
+    assert ems_server.kv_state()["policy"] == "ems10"
+    bad = ems_server.generate(ids, 4, custom_params={"kv_policy": "tigth"})
+    assert bad["status"] == 400 and "tight" in bad["error"] and "policy folder" in bad["error"]
+    files = ems_server.generate(ids, 4, custom_params={"kv_policy": "tight.kvp"})
+    assert files["status"] == 400  # names, never paths
+    assert_healthy(ems_server, tokenizer)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"good.kvp": "policy good\nextends snapkv\n", "bad.kvp": "policy bad\nbudget 10 tokns\n"}, "bad.kvp:2"),
+    ({"snapkv.kvp": "policy snapkv\nextends h2o\n"}, "would shadow the shipped policy"),
+    ({}, "no .kvp files"),
+    ({"loop.kvp": "policy loop\nextends snapkv\ntrigger prefill, every 64 tokens\n"}, "recompresses during decoding"),
+])
+def test_a_bad_policy_folder_stops_the_launch(tmp_path, capsys, monkeypatch, files, expected):
+    monkeypatch.setenv(launch.ENV_POLICY, "restored after the test")
+    monkeypatch.delenv(launch.ENV_POLICY_DIR, raising=False)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        launch.prepare(["--kv-policy", "snapkv", "--kv-policy-dir", str(tmp_path)], SimpleNamespace())
+    assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_a_folder_alone_serves_exact_by_default_and_its_policies_by_name(tmp_path, monkeypatch):
+    for key in (launch.ENV_POLICY, launch.ENV_POLICY_IR, launch.ENV_POLICY_DIR):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "mine.kvp").write_text("policy mine\nextends adakv\nbudget 12%\n")
+    args = SimpleNamespace(page_size=1, disable_overlap_schedule=False, device="cuda", disable_cuda_graph=False)
+    try:
+        launch.prepare(["--kv-policy-dir", str(tmp_path)], args)
+        from kvpolicy import wire
+
+        assert wire.loads(launch.os.environ[launch.ENV_POLICY_IR]).name == "full"
+        assert args.disable_cuda_graph is True  # mine.kvp pools its heads: the row layout, outside CUDA graphs
+        default = wire.loads(launch.os.environ[launch.ENV_POLICY_IR])
+        assert launch.request_policy(default, {"kv_policy": "mine"}).name == "mine"
+        assert launch.request_policy(default, {}).name == "full"
+        with pytest.raises(Exception, match="mine"):
+            launch.request_policy(default, {"kv_policy": "nope"})
+    finally:
+        for key in (launch.ENV_POLICY, launch.ENV_POLICY_IR, launch.ENV_POLICY_DIR):
+            launch.os.environ.pop(key, None)
+
+
+def test_a_graph_replaying_server_refuses_row_layout_requests():
+    """On CUDA with graphs on (an equal-budget launch policy), a request naming
+    a per-head policy gets a 400 saying how to serve it."""
+    with pytest.raises(Exception, match="disable-cuda-graph"):
+        launch.request_policy(launch.load("snapkv"), {"kv_policy": "adakv"}, cuda_graphs=True)
+    assert launch.request_policy(launch.load("snapkv"), {"kv_policy": "h2o"}, cuda_graphs=True).name == "h2o"
+
+
+def test_every_shipped_policy_is_servable():
+    for name in launch.shipped_names():
+        launch.servable(launch.load(name))
+    assert re.search("compresskv", launch.HELP)
