@@ -191,8 +191,9 @@ def check_server_args(args, *policies: ir.Policy) -> list[str]:
                         "slots (ARCHITECTURE.md § Parallelism)")
     if (getattr(args, "pp_size", 1) or 1) > 1:
         problems.append(f"--pp-size {args.pp_size}: pipeline parallelism is not supported (one stage only)")
-    if (getattr(args, "dp_size", 1) or 1) > 1:
-        problems.append(f"--dp-size {args.dp_size}: data parallelism is not supported yet")
+    if getattr(args, "enable_dp_attention", False):
+        problems.append("--enable-dp-attention: data-parallel attention shares a tensor-parallel group; "
+                        "use --dp-size alone (independent schedulers, each with its own pool)")
     if getattr(args, "disaggregation_mode", "null") not in (None, "null"):
         problems.append("--disaggregation-mode: prefill/decode disaggregation is not supported")
     if getattr(args, "enable_hierarchical_cache", False):

@@ -155,9 +155,14 @@ class Server:
 
     def kv_state(self) -> dict:
         """The scheduler's kvpolicy state (``/server_info``): the policy, the
-        pool's free / evictable / protected slots and each compressed request."""
+        pool's free / evictable / protected slots and each compressed request.
+        With data parallelism, the first scheduler's (:meth:`kv_states`: all)."""
+        return self.kv_states()[0]
+
+    def kv_states(self) -> list[dict]:
+        """Every scheduler's kvpolicy state, one per data-parallel rank."""
         info = self.request("/server_info")
-        return info["internal_states"][0].get("kvpolicy") or {}
+        return [state.get("kvpolicy") or {} for state in info["internal_states"]]
 
     def flush_cache(self) -> None:
         self.request("/flush_cache", {})

@@ -119,3 +119,43 @@ def test_every_shipped_policy_is_servable():
     for name in launch.shipped_names():
         launch.servable(launch.load(name))
     assert re.search("compresskv", launch.HELP)
+
+
+def test_cores_are_split_between_data_parallel_schedulers():
+    from kvpolicy.sglang_ext.launch_server import core_split
+
+    assert core_split(2, 2) == "0|1"
+    assert core_split(16, 2) == "0-7|8-15"
+    assert core_split(1, 2) == "0|0"  # one core: both share it
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_data_parallel_schedulers_each_compress_in_their_own_pool(model_dir, tokenizer, tmp_path):
+    """``--dp-size 2``: two schedulers, each with its own pool, radix tree and
+    kvpolicy runtime; SGLang spreads the requests over them; each compresses
+    its own and holds nothing once idle (strict checks on in both)."""
+    from kvpolicy.sglang_ext import server as srv
+    from kvpolicy.sglang_ext.server import invariant_problems
+
+    policy = tmp_path / "snap10.kvp"
+    policy.write_text("policy snap10\nextends snapkv\nbudget 10%\n")
+    server = srv.start(model_dir, tmp_path / "server.log", policy=str(policy), env=srv.STRICT_CHECKS,
+                       extra=["--max-total-tokens", "4096", "--max-running-requests", "4", "--sleep-on-idle",
+                              "--dp-size", "2"])
+    try:
+        ranks = set()
+        for i in range(4):
+            ids = chat_ids(tokenizer, hay(tokenizer, 600, offset=80000 + 1000 * i) + "\n\nWhat is this text about?")
+            reply = server.generate(ids, 8, rid=f"dp-{i}")
+            assert reply["meta_info"]["completion_tokens"] == 8, reply
+            ranks.add(reply["meta_info"].get("dp_rank"))
+        states = server.kv_states()
+        assert len(states) == 2 and ranks == {0, 1}
+        compressed = [s["totals"]["requests_compressed"] for s in states]
+        assert sum(compressed) == 4 and min(compressed) >= 1, compressed
+        for state in states:
+            assert state["policy"] == "snap10"
+            assert not invariant_problems(state, idle=True), invariant_problems(state, idle=True)
+    finally:
+        server.stop()
