@@ -141,13 +141,11 @@ def gather(buffer, reader: LayerReader, pool_slots: int) -> Tensor:
     """``[H_kv, K, d]`` of one layer's kept rows (zeros past each head's
     count); ``buffer(l)`` is layer ``l``'s ``[S, H_kv, d]`` pool buffer."""
     H, K = reader.shape
-    out = None
+    like = buffer(reader.parts[0][0] if reader.parts else 0)
+    out = torch.zeros(H * K, like.shape[-1], dtype=like.dtype, device=like.device)
     for src, positions, local in reader.parts:
-        buf = buffer(src)
-        if out is None:
-            out = torch.zeros(H * K, buf.shape[-1], dtype=buf.dtype, device=buf.device)
-        out[positions] = buf.view(pool_slots * H, -1)[local]
-    return out.view(H, K, -1)
+        out[positions] = buffer(src).view(pool_slots * H, -1)[local]
+    return out.view(H, K, like.shape[-1])
 
 
 def decode_attention(q: Tensor, layer: int, reader: LayerReader, decoded: Tensor, keys, values, pool_slots: int,

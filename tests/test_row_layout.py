@@ -88,3 +88,15 @@ def test_decode_reads_each_heads_rows_then_the_decoded_slots():
             v = torch.cat([kept[lid][1][h, :c], values[lid][decoded, h]])
             expected = torch.softmax(k @ q[qh] * 0.3, dim=0) @ v
             torch.testing.assert_close(out[qh], expected)
+
+
+def test_a_layer_that_keeps_nothing_reads_only_the_decoded_slots():
+    counts = torch.tensor([[3, 3], [0, 0], [3, 3]])
+    keys, values = pool(4)
+    lay = rl.assign(counts, torch.arange(rl.slots_needed(counts)), S)
+    readers = rl.readers(lay, S, "cpu")
+    assert rl.gather(lambda i: keys[i], readers[1], S).shape == (H, 0, d)
+    q = torch.randn(H, d)
+    out = rl.decode_attention(q, 1, readers[1], torch.tensor([60]), lambda i: keys[i], lambda i: values[i], S, 1.0,
+                              0.0, split_decode_attention)
+    torch.testing.assert_close(out, values[1][60])  # one visible key: its value, per head
