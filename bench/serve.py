@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 import threading
 import time
@@ -72,11 +73,6 @@ def peak_overlap(spans: list[tuple[float, float]]) -> int:
         now += step
         best = max(best, now)
     return best
-
-
-def median(values: list[float]) -> float | None:
-    values = sorted(values)
-    return values[len(values) // 2] if values else None
 
 
 def slots_per_request(totals: dict | None) -> float | None:
@@ -130,7 +126,8 @@ def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
         "steady_decode_tokens": steady_tokens,
         "steady_decode_tokens_per_s": steady_tokens / steady_span if steady_span > 0 else None,
         "time_to_first_token_s": sorted(r["tokens"][0] - r["sent"] for r in results if r["tokens"]),
-        "median_time_to_first_token_s": median([r["tokens"][0] - r["sent"] for r in results if r["tokens"]]),
+        "median_time_to_first_token_s": statistics.median_high([r["tokens"][0] - r["sent"] for r in results
+                                                                if r["tokens"]]),
         "total_tokens_per_s": (sum(map(len, tokenizer_prompts)) + decoded + len(spans)) / wall,
         "slots_per_request": slots_per_request(state.get("totals")),
         "wall_s": wall,

@@ -65,12 +65,13 @@ class Metrics:
         self.left_exact.labels(reason).inc()
 
 
-_metrics: Metrics | None = None
+_metrics: Metrics | None | bool = False  # False: not decided yet
 
 
 def metrics() -> Metrics | None:
-    """The process's metrics when SGLang collects them (``--enable-metrics``), else ``None``."""
+    """The process's metrics when SGLang collects them (``--enable-metrics``,
+    decided once per process), else ``None``."""
     global _metrics
-    if _metrics is None and os.environ.get(ENV):
-        _metrics = Metrics()
+    if _metrics is False:
+        _metrics = Metrics() if os.environ.get(ENV) else None
     return _metrics

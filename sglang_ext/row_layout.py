@@ -40,6 +40,12 @@ def slots_needed(counts: Tensor) -> int:
     return -(-int(counts.sum()) // (L * H))
 
 
+def is_rank_slot(counts: Tensor) -> bool:
+    """Whether every layer and head keeps the same number of tokens: the
+    layout is then rank-slot, read by SGLang's own attention."""
+    return bool((counts == counts.reshape(-1)[0]).all())
+
+
 @dataclass
 class RowLayout:
     """One request's compressed prompt: its slots and every (layer, head)'s rows.
@@ -83,8 +89,7 @@ def assign(counts: Tensor, slots: Tensor, pool_slots: int) -> RowLayout:
             c, s0 = int(flat[lid * H + h]), int(starts[lid * H + h])
             table[h, :c] = supply[s0:s0 + c]
         rows.append(table)
-    uniform = bool((counts == n).all())
-    return RowLayout(slots, counts.to(torch.long).cpu(), rows, uniform)
+    return RowLayout(slots, counts.to(torch.long).cpu(), rows, is_rank_slot(counts))
 
 
 def _split(rows: Tensor, pool_slots: int, H: int) -> tuple[Tensor, Tensor]:

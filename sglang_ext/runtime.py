@@ -118,6 +118,8 @@ class Runtime:
         # requests whose layers or heads keep different numbers of tokens
         self.layouts: dict[str, tuple[row_layout.RowLayout, list[row_layout.LayerReader]]] = {}
         self.decode_rows: list[tuple] | None = None  # the current decode forward's row-layout requests
+        self.pool_slots = self.pool_heads = None  # set by attach, with the attention that reads the row layout
+        self.split_attention = split_decode_attention
         self.totals = {"requests_compressed": 0, "prompt_tokens": 0, "slots_kept": 0, "slots_freed": 0,
                        "slots_released_to_tree": 0, "requests_not_compressed": 0,
                        "compressed_retracted": 0, "captures_dropped": 0, "room_from_own_prompt": 0,
@@ -137,6 +139,9 @@ class Runtime:
             hf = model_runner.model_config.hf_text_config
             self.shape = ModelShape(hf.num_hidden_layers, hf.num_key_value_heads or hf.num_attention_heads,
                                     hf.num_attention_heads, name=getattr(hf, "_name_or_path", None))
+            # slots per layer buffer (the pool's size plus its padding page) and KV heads per slot
+            self.pool_slots, self.pool_heads = model_runner.token_to_kv_pool.get_key_buffer(0).shape[:2]
+            self.split_attention = _split_attention_for(model_runner.token_to_kv_pool.get_key_buffer(0).device)
 
     def policy_for(self, req) -> ir.Policy | None:
         """The server's policy, or the one the request's ``custom_params``
@@ -331,7 +336,7 @@ class Runtime:
         # SGLang's own attention; anything else packs into ceil(rows / (L * H_kv))
         # slots and is read through row lists (row_layout).
         B = row_layout.slots_needed(counts)
-        uniform = bool((counts == B).all())
+        uniform = row_layout.is_rank_slot(counts)
         if not uniform and getattr(kv, "store_dtype", kv.dtype) != kv.dtype:
             raise _NotCompressed(f"the KV cache is stored as {kv.store_dtype}: the row layout needs it unquantised",
                                  "error")
@@ -342,7 +347,7 @@ class Runtime:
         protected = req.kv.cache_protected_len
         owned = old[protected:]
         new, released = take_slots(tree, allocator, req, B, owned)
-        layout = row_layout.assign(counts, new, kv.get_key_buffer(0).shape[0])
+        layout = row_layout.assign(counts, new, self.pool_slots)
         if uniform:
             for lid, (k, v) in enumerate(kept):  # slot j <- every head's j-th kept token
                 kv.set_kv_buffer(None, new, k[:, :B].transpose(0, 1).contiguous(), v[:, :B].transpose(0, 1).contiguous(),
@@ -351,7 +356,7 @@ class Runtime:
             layers = range(self.shape.num_layers)
             row_layout.write([kv.get_key_buffer(i) for i in layers], [kv.get_value_buffer(i) for i in layers],
                              layout, kept)
-            self.layouts[req.rid] = (layout, row_layout.readers(layout, layout_pool_slots(kv), new.device))
+            self.layouts[req.rid] = (layout, row_layout.readers(layout, self.pool_slots, new.device))
         req_to_token[row, :B] = new.to(req_to_token.dtype)
         if released:
             self.totals["room_from_own_prompt"] += 1
@@ -420,11 +425,10 @@ class Runtime:
         lid, H = layer.layer_id, layer.tp_q_head_num
         o = out.view(out.shape[0], H, -1)
         qs = q.reshape(q.shape[0], H, -1)
-        pool_slots = layout_pool_slots(kv)
-        attend = _attend_for(q.device)
         for i, readers, decoded in self.decode_rows:
             res = row_layout.decode_attention(qs[i], lid, readers[lid], decoded, kv.get_key_buffer, kv.get_value_buffer,
-                                              pool_slots, layer.scaling, float(layer.logit_cap or 0.0), attend)
+                                              self.pool_slots, layer.scaling, float(layer.logit_cap or 0.0),
+                                              self.split_attention)
             o[i] = res.to(o.dtype)
         return out
 
@@ -500,15 +504,13 @@ class Runtime:
         and rows outside the slots their request holds for its prompt."""
         if not self.layouts:
             return 0, 0
-        kv = self.pools[1]
-        S, H = layout_pool_slots(kv), kv.get_key_buffer(0).shape[1]
+        S, H = self.pool_slots, self.pool_heads
         table = req_to_token_pool.req_to_token
         all_rows, outside = [], 0
-        for rid, (layout, _) in self.layouts.items():
-            req = self.requests.get(rid)
+        for rid, (layout, _) in self.layouts.items():  # every entry's request is in self.requests
             rows = torch.cat([t[t >= 0] for t in layout.rows])
             all_rows.append(rows)
-            held = table[req.kv.req_pool_idx, :layout.slots.numel()].to(torch.long).cpu() if req else layout.slots
+            held = table[self.requests[rid].kv.req_pool_idx, :layout.slots.numel()].to(torch.long).cpu()
             outside += int((~torch.isin((rows // H) % S, held)).sum())
         rows = torch.cat(all_rows)
         return int(rows.numel() - rows.unique().numel()), outside
@@ -550,12 +552,7 @@ class Runtime:
         }
 
 
-def layout_pool_slots(kv) -> int:
-    """Slots per layer buffer of SGLang's pool (its size plus the padding page)."""
-    return kv.get_key_buffer(0).shape[0]
-
-
-def _attend_for(device: torch.device):
+def _split_attention_for(device: torch.device):
     """The Triton split-decode kernel where it runs compiled, else the torch reference."""
     if device.type == "cuda":
         from kvpolicy import kernels
