@@ -46,12 +46,15 @@ per head {
 """
 
 
-def reading(name: str, global_term: str, combine: str, description: str, merge: bool = True) -> str:
-    """``combine`` names a normaliser applied to ``(g, l)``, or is a whole expression in g and l."""
+def reading(name: str, global_term: str, combine: str, description: str, merge: bool = True,
+            similarity: str = "keys", pool: str = "max(7)") -> str:
+    """``combine`` names a normaliser applied to ``(g, l)``, or is a whole expression in g and l;
+    ``similarity`` what the merge compares (``keys`` or ``kv``: cos(K) * cos(V))."""
     importance = combine if "(" in combine else f"{combine}(g, l)"
+    tail = (EMS_TAIL if merge else NO_MERGE_TAIL).replace("similar(keys,", f"similar({similarity},")
     return (f'policy {name}\ndescription "{description}"\nbudget 10%\nkeep sink 4, recent 32\n'
-            f"score g = {global_term}\nscore l = local(window=32, pool=max(7))\n"
-            f"score importance = {importance}\n{EMS_TAIL if merge else NO_MERGE_TAIL}")
+            f"score g = {global_term}\nscore l = local(window=32, pool={pool})\n"
+            f"score importance = {importance}\n{tail}")
 
 
 READINGS = {
@@ -69,6 +72,19 @@ READINGS = {
                             "observed / expected attention and window attention, each ranked, max"),
     "ems_local_led": reading("ems_local_led", "global(norm=uniform)", "zscore(l) + 0.3 * zscore(g)",
                              "window attention led, the global term as a z-scored tie-breaker"),
+    # what the public reviews add: aligned scores combined by a max, redundancy cos(K) * cos(V)
+    "ems_mean_max_kv": reading("ems_mean_max_kv", "global(norm=mean)", "max_align",
+                               "per-key mean, aligned, max; merge on cos(K) * cos(V)", similarity="kv"),
+    "ems_uniform_max_kv": reading("ems_uniform_max_kv", "global(norm=uniform)", "max_align",
+                                  "observed / expected attention, aligned, max; merge on cos(K) * cos(V)",
+                                  similarity="kv"),
+    "ems_rank_max_kv_span": reading("ems_rank_max_kv_span", "global(norm=uniform)", "max_align(rank(g), rank(l))",
+                                    "observed / expected and window attention ranked, max; window attention "
+                                    "max-pooled over 25 tokens; merge on cos(K) * cos(V)",
+                                    similarity="kv", pool="max(25)"),
+    "ems_mean_max_kv_span": reading("ems_mean_max_kv_span", "global(norm=mean)", "max_align",
+                                    "per-key mean, aligned, max, window attention max-pooled over 25 tokens; "
+                                    "merge on cos(K) * cos(V)", similarity="kv", pool="max(25)"),
 }
 
 # both answered by the full cache at every depth of the default lengths on the

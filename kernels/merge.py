@@ -9,7 +9,8 @@ protected (and, with ``cover``, within the head's score cover) merges into
 
     c* = argmax_c sim(x_n, x_c)      sim = cos | dot | -||x_n - x_c||
 
-(``x`` = keys or values; the first centre wins a tie) when ``sim(x_n, x_c*)``
+(``x`` = keys or values; ``kv``: ``sim = cos(k) * cos(v)``, both dots in
+the same pass; the first centre wins a tie) when ``sim(x_n, x_c*)``
 passes the threshold (``cos > t``, ``dot > t``, ``||.|| < t``); its class is
 then ``c*``'s slot, otherwise it keeps class 0 (evicted). ``_assign_kernel``
 does the similarity, arg-max and threshold in one pass over tokens: programs
@@ -80,12 +81,14 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
         if merge.cover is not None:
             may &= reference._within_cover(scores, kept, protected, merge.cover)
         centre_pos, centre_slot = _centre_table(centres, slot_of)
-        target = _last_dim_contiguous(keys if merge.target == "keys" else values)
-        d = target.shape[-1]
+        vectors = [_last_dim_contiguous(x) for x in reference.merge_vectors(keys, values, merge)]
+        first, second = vectors[0], vectors[-1]  # the same tensor unless kv (PRODUCT)
+        d = first.shape[-1]
         grid = (H, triton.cdiv(N, BLOCK_TOKENS))
-        _assign_kernel[grid](target, target.stride(0), target.stride(1), centre_pos, centre_slot,
-                             may.to(torch.uint8).contiguous(), class_id, N, centre_pos.shape[1], d,
-                             float(merge.threshold), METRIC=METRICS[merge.metric],
+        _assign_kernel[grid](first, first.stride(0), first.stride(1), second, second.stride(0), second.stride(1),
+                             centre_pos, centre_slot, may.to(torch.uint8).contiguous(), class_id, N,
+                             centre_pos.shape[1], d, float(merge.threshold), METRIC=METRICS[merge.metric],
+                             PRODUCT=len(vectors) == 2,
                              BLOCK_N=BLOCK_TOKENS, BLOCK_C=BLOCK_CENTRES, BLOCK_D=_block_d(d))
     return reference.classes_from_ids(class_id, kept, kept_positions, scores, merge)
 
@@ -104,8 +107,11 @@ def _centre_table(centres: Tensor, slot_of: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @_jit
-def _assign_kernel(x_ptr, x_h, x_n, centre_pos_ptr, centre_slot_ptr, may_ptr, class_ptr, N, C, D, threshold,
-                   METRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _assign_kernel(x_ptr, x_h, x_n, z_ptr, z_h, z_n, centre_pos_ptr, centre_slot_ptr, may_ptr, class_ptr, N, C, D,
+                   threshold, METRIC: tl.constexpr, PRODUCT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    # PRODUCT (similar(kv, cosine > t)): sim = cos(x_n, x_c) * cos(z_n, z_c),
+    # x the keys and z the values; otherwise z is x and unused.
     h = tl.program_id(0).to(tl.int64)  # offsets past 2^31 in a long context
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -115,6 +121,10 @@ def _assign_kernel(x_ptr, x_h, x_n, centre_pos_ptr, centre_slot_ptr, may_ptr, cl
     if METRIC == 0:
         x = x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
     x_sq = tl.sum(x * x, axis=1)
+    if PRODUCT:
+        z = tl.load(z_ptr + h * z_h + n[:, None] * z_n + d[None, :], mask=may[:, None] & (d < D)[None, :],
+                    other=0.0).to(tl.float32)
+        z = z / tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)[:, None]
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     best_c = tl.zeros([BLOCK_N], dtype=tl.int32)
     start = 0
@@ -129,6 +139,11 @@ def _assign_kernel(x_ptr, x_h, x_n, centre_pos_ptr, centre_slot_ptr, may_ptr, cl
         sim = tl.dot(x, tl.trans(y), input_precision="ieee")
         if METRIC == 2:  # minus the squared distance: same arg-max as minus the distance
             sim = 2.0 * sim - x_sq[:, None] - tl.sum(y * y, axis=1)[None, :]
+        if PRODUCT:
+            w = tl.load(z_ptr + h * z_h + pos[:, None] * z_n + d[None, :], mask=valid[:, None] & (d < D)[None, :],
+                        other=0.0).to(tl.float32)
+            w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
+            sim = sim * tl.dot(z, tl.trans(w), input_precision="ieee")
         sim = tl.where(valid[None, :], sim, float("-inf"))
         block_best = tl.max(sim, axis=1)
         better = block_best > best  # strict: an earlier centre keeps a tie

@@ -208,6 +208,8 @@ def _run_eval(args) -> dict:
     from kvpolicy import evaluate as ev
     from kvpolicy.models import load_model
 
+    if args.task == "sweep":
+        return _run_sweep(args)
     batch = ev.entries(args.policy, args.budget)
     lm, tok, shape = load_model(args.model)
     if args.task == "niah":
@@ -248,6 +250,30 @@ def _run_eval(args) -> dict:
             print(f"{label:<24} ppl {ppl:8.3f}   ratio to full {ratio:6.3f}")
     result["model"] = shape.name
     result["policies"] = {e.label: e.policy.to_kvp() for e in batch}
+    return result
+
+
+def _run_sweep(args) -> dict:
+    from kvpolicy import sweep as sw
+    from kvpolicy.compose import as_budget
+    from kvpolicy.models import load_model
+    from kvpolicy.registry import load, shipped_names
+
+    policies = [load(name) for name in (args.policy or shipped_names())]
+    for b in args.budgets:
+        if as_budget(b).unit != "percent":
+            raise InputError(f"a sweep's budgets are shares of the prompt ('10%'), got '{b}'")
+    lm, tok, shape = load_model(args.model)
+    result = sw.sweep(lm, tok, shape, policies, budgets=args.budgets, lengths=args.lengths, depths=args.depths,
+                      needles=sw.NEEDLES[:args.needles], ruler_samples=args.ruler_samples,
+                      ppl_windows=args.ppl_windows, max_new_tokens=args.max_new_tokens)
+    result["model"] = shape.name
+    print(sw.table(result))
+    if args.plot:
+        from kvpolicy.plots import sweep_curves
+
+        print(f"wrote {len(sweep_curves(result, args.plot))} plots to {args.plot}")
+    result["policy_texts"] = {p.name: p.to_kvp() for p in policies}
     return result
 
 
@@ -371,6 +397,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt tokens (longer: cut in the middle; default 3500)")
     el.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per answer (default 64)")
     el.add_argument("--limit", type=positive_int, help="at most this many examples per dataset")
+    from kvpolicy.sweep import BUDGETS
+
+    es = esub.add_parser("sweep", help="budget curves: every policy x budget on NIAH, RULER multikey, ppl")
+    es.add_argument("--policy", type=nonempty, nargs="+",
+                    help="shipped names or .kvp files (default: every shipped policy)")
+    es.add_argument("--budgets", type=nonempty, nargs="+", default=list(BUDGETS),
+                    help=f"shares of the prompt (default {' '.join(BUDGETS).replace('%', '%%')})")
+    es.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096],
+                    help="NIAH prompt lengths in tokens (default 2048 4096)")
+    es.add_argument("--depths", type=fraction, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                    help="NIAH needle depths (default 0.1 0.3 0.5 0.7 0.9)")
+    es.add_argument("--needles", type=positive_int, choices=[1, 2], default=2,
+                    help="1: the 7-digit number; 2: and a one-word answer (default 2)")
+    es.add_argument("--ruler-samples", type=positive_int, default=2, help="RULER multikey prompts (default 2)")
+    es.add_argument("--ppl-windows", type=positive_int, default=3, help="perplexity windows (default 3)")
+    es.add_argument("--max-new-tokens", type=positive_int, default=16, help="tokens generated per answer (default 16)")
+    es.add_argument("--plot", type=nonempty, help="write one PNG per task (score against budget) into this folder")
+    es.add_argument("--model", type=existing_dir,
+                    help="local HF model folder (default: the embedded SmolLM2-135M-Instruct)")
+    es.add_argument("--json", type=nonempty, help="write the raw results here")
+    es.set_defaults(run=cmd_eval)
     for sp in (en, ep, er, el):
         sp.add_argument("--policy", type=nonempty, nargs="+", default=["full", "ems"],
                         help="shipped names or .kvp files (default: full ems)")

@@ -21,8 +21,10 @@ from kvpolicy import ir
 from kvpolicy.budgets import ModelShape
 from kvpolicy.errors import InputError
 from kvpolicy.haystack import haystack_text
-from kvpolicy.hf import capture_needs, compress, decode, feed, prefill
+from kvpolicy.hf import capture_needs, compress, decode, feed, prefill, stack_states
 from kvpolicy.registry import load
+
+DECODE_BATCH = 16  # policies decoded together per prompt (padded to the largest of them)
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,12 @@ class Case:
 
 
 def run_cases(lm, tokenizer, shape: ModelShape, batch: list[Entry], cases: list[Case], *, modes=("query-aware",),
-              max_new_tokens: int = 24, progress: bool = True, desc: str = "cases") -> list[dict]:
+              max_new_tokens: int = 24, progress: bool = True, desc: str = "cases",
+              decode_batch: int = DECODE_BATCH) -> list[dict]:
     """Each case once per mode: one prefill shared by every policy, then per
-    policy its compression, (context-only: the question) and greedy decoding."""
+    policy its compression; (context-only: the question and) greedy decoding
+    of up to ``decode_batch`` policies' caches at once (:func:`stack_states`),
+    grouped by size so that little padding is decoded."""
     records = []
     bar = _progress(len(cases) * len(modes), desc, progress)
     for case in cases:
@@ -134,21 +139,32 @@ def run_cases(lm, tokenizer, shape: ModelShape, batch: list[Entry], cases: list[
             t0 = time.perf_counter()
             cap = prefill(lm, ids, window=window, accumulate=acc)
             prefill_s = time.perf_counter() - t0
+            states, compress_s = [], []
             for e in batch:
                 t1 = time.perf_counter()
-                state = compress(cap, e.policy, shape)
-                compress_s = time.perf_counter() - t1
-                logits = cap.last_logits
+                states.append(compress(cap, e.policy, shape))
+                compress_s.append(time.perf_counter() - t1)
+            kept = [sum(st.kept[0]) for st in states]
+            answers: list[str] = [""] * len(batch)
+            order = sorted(range(len(batch)), key=kept.__getitem__)
+            for start in range(0, len(order), decode_batch):
+                group = order[start:start + decode_batch]
+                state = stack_states([states[i] for i in group])
+                logits = cap.last_logits.expand(len(group), -1)
                 if mode == "context-only":
-                    logits = feed(lm, state, torch.tensor([case.question]))[:, -1]
+                    logits = feed(lm, state, torch.tensor([case.question] * len(group)))[:, -1]
                 out = decode(lm, state, logits, max_new_tokens, tokenizer.eos_token_id)
-                text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+                for row, i in enumerate(group):
+                    answers[i] = tokenizer.decode(out[row].tolist(), skip_special_tokens=True)
+                for i in group:
+                    states[i] = None  # free each group's caches once decoded
+            for e, text, slots, c_s in zip(batch, answers, kept, compress_s, strict=True):
                 found = case.score(text) if case.score else sum(x in text for x in case.expected) / len(case.expected)
                 records.append({
                     "policy": e.label, **case.meta, "prompt_tokens": len(prompt), "mode": mode, "answer": text,
-                    "score": found, "correct": found == 1.0, "kept_slots": sum(state.kept[0]),
+                    "score": found, "correct": found == 1.0, "kept_slots": slots,
                     "full_slots": len(prompt) * shape.num_layers * shape.num_kv_heads,
-                    "prefill_s": round(prefill_s, 4), "compress_s": round(compress_s, 4),
+                    "prefill_s": round(prefill_s, 4), "compress_s": round(c_s, 4),
                 })
             if bar is not None:
                 bar.update(1)

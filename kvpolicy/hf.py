@@ -181,6 +181,25 @@ def compress(capture: Capture, policy: ir.Policy | None, shape: ModelShape) -> C
     return CompressedState(keys, values, valids, positions, kept, pipes, window, tracks)
 
 
+def stack_states(states: list[CompressedState]) -> CompressedState:
+    """One batch of several compressed caches of the same prompt length (e.g.
+    one prompt under many policies), each layer padded to its longest, so they
+    decode together: a greedy decode of the batch gives each sequence what it
+    gives alone (padding is masked; float sums may differ in the last bits)."""
+    if len({int(p) for s in states for p in s.positions}) > 1 or len({s.since_compress for s in states}) > 1:
+        raise ValueError("stack_states: the caches must be at the same position")
+    keys, values, valids = [], [], []
+    for layer in range(len(states[0].keys)):
+        K = max(s.keys[layer].shape[2] for s in states)
+        keys.append(torch.cat([_pad(s.keys[layer].transpose(1, 2), K).transpose(1, 2) for s in states]))
+        values.append(torch.cat([_pad(s.values[layer].transpose(1, 2), K).transpose(1, 2) for s in states]))
+        valids.append(torch.cat([_pad(s.valid[layer].transpose(1, 2), K).transpose(1, 2) for s in states]))
+    return CompressedState(keys, values, valids, torch.cat([s.positions for s in states]),
+                           [row for s in states for row in s.kept], [p for s in states for p in s.pipelines],
+                           [w for s in states for w in s.window_queries], any(s.tracks_window for s in states),
+                           states[0].since_compress)
+
+
 def _pad(x: torch.Tensor, K: int) -> torch.Tensor:
     if x.shape[1] == K:
         return x
@@ -214,7 +233,12 @@ def feed(lm, state: CompressedState, tokens: torch.Tensor) -> torch.Tensor:
                 w = state.window_queries[b][layer]
                 if w is not None:
                     state.window_queries[b][layer] = torch.cat([w, query[b]], dim=1)[:, -w.shape[1]:]
-        return base_attention(module, query, k, v, mask, scaling, **kw)
+        # SDPA over the KV heads as they are (enable_gqa): the same result bit for
+        # bit as transformers' SDPA, which repeats K and V for every query head
+        # when a mask is given -- a copy of the whole cache per layer and step
+        out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling,
+                                                               enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
 
     with tap_attention(lm, tap):
         logits = lm(input_ids=tokens, position_ids=positions, use_cache=False).logits

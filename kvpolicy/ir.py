@@ -27,7 +27,7 @@ GqaReduce = Literal["mean", "max"]
 GlobalNorm = Literal["sum", "mean", "uniform"]
 NormalizeKind = Literal["mean_align", "max_align", "zscore", "rank"]
 SelectionUnit = Literal["head", "layer", "pooled"]
-MergeTarget = Literal["keys", "values"]
+MergeTarget = Literal["keys", "values", "kv"]
 MergeMetric = Literal["cosine", "dot", "l2"]
 MergeWeight = Literal["score", "uniform"]
 EvictInto = Literal["drop", "zero_class"]
@@ -36,7 +36,7 @@ POOL_KINDS = ("avg", "max")
 GQA_REDUCES = ("mean", "max")
 GLOBAL_NORMS = ("sum", "mean", "uniform")
 NORMALIZE_KINDS = ("mean_align", "max_align", "zscore", "rank")
-MERGE_TARGETS = ("keys", "values")
+MERGE_TARGETS = ("keys", "values", "kv")
 MERGE_METRICS = ("cosine", "dot", "l2")
 MERGE_WEIGHTS = ("score", "uniform")
 
@@ -296,7 +296,9 @@ class KeepTop:
 class MergeSimilar:
     """Fold each not-kept token whose ``target`` vector is similar enough to a
     kept one (its class centre) into that centre: ``metric > threshold`` for
-    ``cosine``/``dot``, ``l2 < threshold``. The centre becomes the weighted
+    ``cosine``/``dot``, ``l2 < threshold``. ``target="kv"`` measures
+    redundancy as EMS's public reviews describe it, the product of key and
+    value similarity ``cos(k_n, k_c) * cos(v_n, v_c)`` (cosine only). The centre becomes the weighted
     average of its members' K and V; ``weight="score"`` weights by importance
     score, ``"uniform"`` equally (EMS, arXiv 2412.08521, evict-then-merge).
     With ``cover=q`` only the not-kept tokens needed to bring the head's kept

@@ -39,3 +39,41 @@ def niah_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def sweep_curves(result: dict, out_dir: str | Path, prefix: str = "sweep") -> list[Path]:
+    """One PNG per task of a budget sweep (:mod:`kvpolicy.sweep`): score against
+    budget, one line per policy, the full cache and 90% of it dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budgets = result["budgets"]
+    xs = [float(b.rstrip("%")) for b in budgets]
+    written = []
+    for task, scores in result["scores"].items():
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        full = result["full"][task]
+        ax.axhline(full, color="black", linestyle="--", linewidth=1, label="full cache")
+        ax.axhline(result["threshold"] * full, color="grey", linestyle=":", linewidth=1,
+                   label=f"{result['threshold']:.0%} of full")
+        for policy in result["policies"]:
+            ys = [scores.get(f"{policy}@{b}", float("nan")) for b in budgets]
+            ax.plot(xs, ys, marker="o", markersize=3, label=policy)
+        ax.set_xscale("log")
+        ax.set_xticks(xs, budgets)
+        ax.minorticks_off()
+        ax.set_xlabel("KV cache kept (share of the prompt)")
+        ax.set_ylabel("ppl(full) / ppl(policy)" if task == "ppl" else "share answered")
+        ax.set_ylim(-0.03, 1.03 * max(1.0, full))
+        ax.set_title(f"{task} ({result.get('model', 'model')})", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right", ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"{prefix}_{task.replace(' ', '_')}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -236,6 +236,9 @@ class _Checker:
             raise self.fail("'safeguard' only applies to 'per head pooled(...)'", "per")
         m = s.merge
         if m is not None:
+            if m.target == "kv" and m.metric != "cosine":
+                raise self.fail(f"similar(kv, ...) multiplies the cosine similarities of keys and values: "
+                                f"write 'cosine > t', not '{m.metric}'", "per.merge")
             if m.metric == "cosine" and not (-1 <= m.threshold <= 1):
                 raise self.fail(f"a cosine threshold lies in [-1, 1], got {_num(m.threshold)}", "per.merge")
             if m.metric == "l2" and m.threshold < 0:

@@ -54,9 +54,10 @@ def selections(draw, score_names: list[str]) -> ir.Selection:
     keep = ir.KeepTop(draw(st.sampled_from(score_names)), draw(st.one_of(st.none(), st.floats(0.001, 1.0))))
     merge = None
     if draw(st.booleans()):
-        metric = draw(st.sampled_from(ir.MERGE_METRICS))
+        target = draw(st.sampled_from(ir.MERGE_TARGETS))
+        metric = "cosine" if target == "kv" else draw(st.sampled_from(ir.MERGE_METRICS))  # kv: cosines only
         threshold = draw(st.floats(-1, 1) if metric == "cosine" else st.floats(0, 100))
-        merge = ir.MergeSimilar(draw(st.sampled_from(ir.MERGE_TARGETS)), metric, threshold,
+        merge = ir.MergeSimilar(target, metric, threshold,
                                 draw(st.sampled_from(ir.MERGE_WEIGHTS)), draw(st.one_of(st.none(), st.floats(0.01, 1.0))))
     evict = ir.Evict(draw(st.sampled_from(["drop", "zero_class"])) if merge else "drop")
     safeguard = draw(st.floats(0, 1)) if unit == "pooled" else None

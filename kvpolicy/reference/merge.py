@@ -8,7 +8,8 @@ EMS has no public code; the choices below are ours, each with its reason.
   change the one token the model relies on being stable.
 * A not-kept token is a *merge candidate* if its metric to its best centre
   passes the threshold (``cosine > t``, ``dot > t``, ``l2 < t`` on keys or
-  values): redundancy decides the merge class size per head.
+  values; ``kv``: the product ``cos(K) * cos(V)``, EMS's redundancy as its
+  public reviews give it): redundancy decides the merge class size per head.
 * ``cover=q`` (optional) also lets sparsity decide: going down the not-kept
   tokens by score, only those needed to bring the head's kept score mass up to
   ``q`` of its total may merge; the long tail of a sparse head carries no
@@ -28,6 +29,7 @@ EMS has no public code; the choices below are ours, each with its reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,12 @@ def _similarity(x: Tensor, centres: Tensor, metric: str) -> Tensor:
     return -torch.cdist(x, centres)
 
 
+def merge_vectors(keys: Tensor, values: Tensor, merge: ir.MergeSimilar) -> tuple[Tensor, ...]:
+    """The vectors whose similarities are multiplied: keys, values, or both
+    (``kv``: EMS's redundancy ``cos(K) * cos(V)`` from its public reviews)."""
+    return {"keys": (keys,), "values": (values,), "kv": (keys, values)}[merge.target]
+
+
 def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres: Tensor,
              merge: ir.MergeSimilar | None, protected: Tensor) -> Classes:
     """``kept``/``centres`` ``[H_kv, N]`` bool masks (centres are a subset of
@@ -71,12 +79,13 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
     class_id = slot_of.clone()
     if merge is not None and centres.any():
         cols = torch.arange(N, device=keys.device)[None, :].expand(H, N)
-        target = keys if merge.target == "keys" else values
         C = int(centres.sum(dim=1).max())
         centre_pos = torch.sort(torch.where(centres, cols, N), dim=1).values[:, :C]  # padded with N
         valid_centre = centre_pos < N
-        centre_vec = target.gather(1, centre_pos.clamp_max(N - 1)[..., None].expand(H, C, target.shape[-1]))
-        sim = _similarity(target, centre_vec, merge.metric).masked_fill(~valid_centre[:, None, :], float("-inf"))
+        sim = math.prod(
+            _similarity(x, x.gather(1, centre_pos.clamp_max(N - 1)[..., None].expand(H, C, x.shape[-1])), merge.metric)
+            for x in merge_vectors(keys, values, merge))
+        sim = sim.masked_fill(~valid_centre[:, None, :], float("-inf"))
         best_sim, best = sim.max(dim=-1)  # [H, N]
         # l2 similarity is the negated distance: distance < t  <=>  -distance > -t.
         # A head without centres has best_sim = -inf and merges nothing.

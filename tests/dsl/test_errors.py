@@ -42,6 +42,8 @@ GOLDEN = [
      "'floor' only applies to a percentage budget", None),
     ("wrong-comparison", replace_line("  merge", "  merge similar(keys, cosine < 0.9) into centers"), 9, 30,
      "'cosine' merges when similarity is above the threshold: write 'cosine > 0.9'", None),
+    ("kv-not-cosine", replace_line("  merge", "  merge similar(kv, dot > 0.9) into centers"), 9, 3,
+     "similar(kv, ...) multiplies the cosine similarities of keys and values: write 'cosine > t', not 'dot'", None),
     ("pooled-layer", replace_line("per head", "per layer pooled(safeguard=0.2) {"), 7, 11,
      "'pooled' pools the heads of a layer", None),
     ("unknown-ref", replace_line("score importance", "score importance = mean_align(g, lokal)"), 6, 34,

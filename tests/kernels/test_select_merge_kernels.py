@@ -24,6 +24,7 @@ Tolerances and why:
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -148,18 +149,18 @@ def clustered(H, N, d, dtype, c=12, seed=0, near_share=0.5, spread=1.0):
     return keys.to(dtype), values.to(dtype), scores, kept, centres, protected
 
 
-def assert_decisive(target, centres, kept, merge, margin=1e-3):
+def assert_decisive(keys, values, centres, kept, merge, margin=1e-3):
     """Every not-kept token is ``margin`` (relative) away from the threshold
     and, if it passes, from its second-best centre (float64)."""
-    x = target.double()
+    vectors = rmerge.merge_vectors(keys.double(), values.double(), merge)
     if merge.metric == "cosine":
-        x = x / x.norm(dim=-1, keepdim=True)
-    for h in range(x.shape[0]):
+        vectors = [x / x.norm(dim=-1, keepdim=True) for x in vectors]
+    for h in range(keys.shape[0]):
         if centres[h].sum() < 2:
             continue  # nothing to tell apart (a head without centres merges nothing)
-        sims = x[h] @ x[h, centres[h]].T
+        sims = math.prod(x[h] @ x[h, centres[h]].T for x in vectors)
         if merge.metric == "l2":
-            sims = -torch.cdist(target[h].double(), target[h, centres[h]].double())
+            sims = -torch.cdist(vectors[0][h], vectors[0][h, centres[h]])
         top = sims.topk(2, dim=1).values
         limit = -merge.threshold if merge.metric == "l2" else merge.threshold
         scale = max(abs(limit), 1.0)
@@ -182,13 +183,15 @@ CLASSIFY = [
     (8, 70, 128, torch.float32, ir.MergeSimilar(metric="dot", threshold=0.4 * 128, weight="uniform")),
     (4, 130, 64, torch.float16, ir.MergeSimilar(cover=0.8)),
     (3, 77, 128, torch.bfloat16, ir.MergeSimilar(threshold=0.5)),
+    (2, 110, 64, torch.float32, ir.MergeSimilar(target="kv", threshold=0.8)),
+    (4, 96, 128, torch.float16, ir.MergeSimilar(target="kv", threshold=0.7, cover=0.9)),
 ]
 
 
 @pytest.mark.parametrize("H, N, d, dtype, merge", CLASSIFY)
 def test_classify_equals_the_reference(H, N, d, dtype, merge):
     keys, values, scores, kept, centres, protected = clustered(H, N, d, dtype, c=N // 3, seed=N)  # 1 or 2 tiles of centres
-    assert_decisive(keys if merge.target == "keys" else values, centres, kept, merge)
+    assert_decisive(keys, values, centres, kept, merge)
     want = rmerge.classify(keys, values, scores, kept, centres, merge, protected)
     assert (want.merged > 0).all() and (want.evicted > (~kept).sum(1) // 4).all()  # both classes occur
     got = kmerge.classify(*(x.to(DEVICE) for x in (keys, values, scores, kept, centres)), merge, protected.to(DEVICE))
@@ -227,7 +230,7 @@ def test_l2_merges_tokens_closer_than_the_threshold():
     centres[2] = False  # a head without centres merges nothing
     kept[2] = protected
     merge = ir.MergeSimilar(metric="l2", threshold=0.5 * d ** 0.5)
-    assert_decisive(keys, centres, kept, merge)
+    assert_decisive(keys, values, centres, kept, merge)
     got = kmerge.classify(*(x.to(DEVICE) for x in (keys, values, scores, kept, centres)), merge, protected.to(DEVICE))
     slot_of = kept.long().cumsum(1) * kept
     for h in range(H):

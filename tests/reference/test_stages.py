@@ -140,6 +140,26 @@ def test_merge_of_identical_keys_returns_that_key():
     torch.testing.assert_close(out_v, torch.tensor([[[w0 / (w0 + w1), w1 / (w0 + w1)]]]))
 
 
+def test_kv_similarity_is_the_product_of_key_and_value_cosines():
+    """similar(kv, cosine > t): EMS's redundancy cos(K) * cos(V), by hand.
+    Centres: tokens 0 and 1 (unit axes, keys = values). Token 2: key along
+    token 0, value at 60 degrees to it (products 0.5 with token 0, 0 with 1).
+    Token 3: key = value at cos 0.6 / 0.8 to the axes (0.36, 0.64). Token 4:
+    key (0.8, 0.6), value (-0.6, 0.8) (0.8 * -0.6 = -0.48 with token 0,
+    0.6 * 0.8 = 0.48 with token 1): its key alone picks token 0."""
+    k = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.6, 0.8], [0.8, 0.6]]])
+    v = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.75 ** 0.5], [0.6, 0.8], [-0.6, 0.8]]])
+    scores = torch.tensor([[5.0, 4.0, 1.0, 1.0, 1.0]])
+    kept = torch.tensor([[True, True, False, False, False]])
+    none = torch.zeros(5, dtype=torch.bool)
+    by_keys = merge.classify(k, v, scores, kept, kept, ir.MergeSimilar("keys", threshold=0.45), none)
+    assert by_keys.class_id.tolist() == [[1, 2, 1, 2, 1]]
+    by_kv = merge.classify(k, v, scores, kept, kept, ir.MergeSimilar("kv", threshold=0.45), none)
+    assert by_kv.class_id.tolist() == [[1, 2, 1, 2, 2]]
+    strict = merge.classify(k, v, scores, kept, kept, ir.MergeSimilar("kv", threshold=0.55), none)
+    assert strict.class_id.tolist() == [[1, 2, 0, 2, 0]]  # only 0.64 passes
+
+
 def test_zero_class_drops_exactly_the_evicted_tokens():
     torch.manual_seed(3)
     H, N, d = 2, 12, 4
