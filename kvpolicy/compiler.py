@@ -132,8 +132,10 @@ def _stages(p: ir.Policy, shape: ModelShape, T: int) -> list[Stage]:
         m = sel.merge
         stages.append(Stage(
             "merge",
-            f"each merged token folds into its most similar kept token ({m.target}, {m.metric} {m.op} {m.threshold}); "
-            f"centres become {m.weight}-weighted means of K and V"
+            "each merged token folds into its most similar kept token ("
+            + (f"cos(K) * cos(V) {m.op} {m.threshold}); " if m.target == "kv"
+               else f"{m.target}, {m.metric} {m.op} {m.threshold}); ")
+            + f"centres become {m.weight}-weighted means of K and V"
             + ("; evicted tokens go to zero class 0, dropped after one fixed-shape scatter" if sel.evict.into == "zero_class" else ""),
         ))
     stages.append(Stage("compact", "gather kept K/V into the first B_l slots of each head (rank-slot layout); "

@@ -85,13 +85,13 @@ def test_compresskv_heads_of_a_layer_keep_the_same_tokens(artifacts):
 
 
 def test_ems_merges_and_evicts_per_head(artifacts):
-    # correlated keys so that some not-kept tokens are similar to kept ones
+    # correlated keys and values (ems merges on cos(K) * cos(V)) so that some
+    # not-kept tokens are similar to kept ones
     torch.manual_seed(2)
-    base = torch.randn(2, 8, D)
-    k = base.repeat_interleave(N // 8, dim=1) + 0.05 * torch.randn(2, N, D)
+    k, v = (torch.randn(2, 8, D).repeat_interleave(N // 8, dim=1) + 0.05 * torch.randn(2, N, D) for _ in range(2))
     policy = kp.ems(budget=96)
     pipe = compile_pipeline(policy, SHAPE, N)
-    out = pipe.compress(0, pipe.capture(torch.randn(6, N, D), k, torch.randn(2, N, D)))
+    out = pipe.compress(0, pipe.capture(torch.randn(6, N, D), k, v))
     assert out.counts.tolist() == [96, 96]
     assert (out.merged > 0).all() and (out.evicted > 0).all()
     assert out.rank_slot()[0].shape == (2, 96, D)
