@@ -40,8 +40,8 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from kvpolicy.evaluate import NeedleSpec, niah_prompt
-    from kvpolicy.models import resolve_model
+    from kvpolicy.eval.evaluate import NeedleSpec, niah_prompt
+    from kvpolicy.hf.models import resolve_model
     from kvpolicy.sglang_ext import server as srv
 
     model = resolve_model(None)

@@ -118,11 +118,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "ems_readings.json"))
     args = ap.parse_args(argv)
 
-    from kvpolicy import evaluate as ev
-    from kvpolicy.combinators import Policy
     from kvpolicy.dsl.parser import parse
-    from kvpolicy.models import load_model
-    from kvpolicy.registry import load
+    from kvpolicy.eval import evaluate as ev
+    from kvpolicy.hf.models import load_model
+    from kvpolicy.lang.combinators import Policy
+    from kvpolicy.lang.registry import load
 
     haystack = Path(args.haystack)
     if not haystack.is_file():

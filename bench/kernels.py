@@ -70,9 +70,9 @@ def attention_cases(device: str, dtype, shape: dict) -> list[dict]:
     """The cases of kvpolicy.kernels.attention, one per kernel and prompt length."""
     import torch
 
-    from kvpolicy import ir
+    from kvpolicy.exec.reference import attention as R
     from kvpolicy.kernels import attention as K
-    from kvpolicy.reference import attention as R
+    from kvpolicy.lang import ir
 
     H, H_kv, d, w = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["window"]
     n_rep = H // H_kv

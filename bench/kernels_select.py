@@ -1,4 +1,4 @@
-"""Bench cases for the selection, merge and compaction kernels, timed by
+"""Bench cases for the selection and merge kernels, timed by
 ``bench/kernels.py`` beside its attention cases (it loads this file by path and
 calls :func:`cases`).
 
@@ -11,35 +11,26 @@ Cases, each kernel against its pure-torch reference on the same arguments:
 * ``classify_cosine``: similarity / arg-max / threshold of every token against
   its head's centres (EMS), on keys where a third of the tokens sit near a centre;
 * ``scatter``: the zero-class merge of those classes into ``[H_kv, K, d]``;
-* ``compact``: rank-slot compaction of 16 requests (N = 32768 each, budgets
-  2%..8%) in one layer's paged pool, in place (no output to compare: the
-  tests check it bit for bit);
-* ``write_slots``: the same rows written from computed KV.
-
-``bytes`` is what each must move at least (inputs read once, outputs written
-once); the compaction kernel moves its rows twice (through a temporary, see
-``kvpolicy.kernels.compact``), so its bandwidth figure is against the one-move
-minimum.
+(SGLang's pool takes the compressed rows in fresh slots, so no compaction
+kernel is needed; the one that existed was never reached and was removed.)
 """
 
 from __future__ import annotations
 
 from functools import partial
 
-TINY = dict(n=100, kv_heads=2, head_dim=32, budget=0.2, requests=3, sink=2, recent=4)
-FULL = dict(n=32768, kv_heads=8, head_dim=128, budget=0.05, requests=16, sink=4, recent=32)
+TINY = dict(n=100, kv_heads=2, head_dim=32, budget=0.2, sink=2, recent=4)
+FULL = dict(n=32768, kv_heads=8, head_dim=128, budget=0.05, sink=4, recent=32)
 
 
 def cases(device: str, scale: str) -> list[dict]:
     import torch
 
-    from kvpolicy import ir
-    from kvpolicy.kernels import compact as kcompact
+    from kvpolicy.exec.reference import merge as rmerge
+    from kvpolicy.exec.reference import select as rselect
     from kvpolicy.kernels import merge as kmerge
     from kvpolicy.kernels import select as kselect
-    from kvpolicy.reference import compact as rcompact
-    from kvpolicy.reference import merge as rmerge
-    from kvpolicy.reference import select as rselect
+    from kvpolicy.lang import ir
 
     s = FULL if scale == "full" else TINY
     N, H, d = s["n"], s["kv_heads"], s["head_dim"]
@@ -94,30 +85,6 @@ def cases(device: str, scale: str) -> list[dict]:
         rows = int(classes.merged.sum()) + H * K  # members read (merged + own), then K slots written
         return H * N * (8 + 4) + rows * 2 * d * es + H * K * 2 * d * es
 
-    R = s["requests"]
-    budgets = [max(1, round(N * (0.02 + 0.06 * r / max(R - 1, 1)))) for r in range(R)]
-    total = sum(budgets)
-
-    def compact_args():
-        g = torch.Generator().manual_seed(2)
-        S = R * N
-        k, v = (torch.randn(S, H, d, generator=g).to(dtype).to(device) for _ in range(2))
-        free = torch.randperm(S, generator=g)
-        src, dst = [], []
-        for r, b in enumerate(budgets):
-            own = free[r * N:(r + 1) * N]
-            src.append(torch.stack([own[torch.randperm(N, generator=g)[:b]] for _ in range(H)], dim=1))
-            dst.append(own[:b])
-        cu = torch.tensor([0, *torch.tensor(budgets).cumsum(0).tolist()])
-        return k, v, torch.cat(src).to(device), cu.to(device), torch.cat(dst).to(device)
-
-    def write_args():
-        k, v, _, _, dst = compact_args()
-        g = torch.Generator().manual_seed(3)
-        rows_k, rows_v = (torch.randn(total, H, d, generator=g).to(dtype).to(device) for _ in range(2))
-        return k, v, dst, rows_k, rows_v
-
-    moved = 2 * total * H * d * es  # K and V rows
     return [
         dict(name="pick_head", n=N, kernel=partial(picked, kselect.pick), reference=partial(picked, rselect.pick),
              bytes=H * N * 4 + N + H * c * 8, make_args=pick_args),
@@ -126,8 +93,4 @@ def cases(device: str, scale: str) -> list[dict]:
              bytes=H * N * d * es + H * N * (4 + 1 + 1) + N + H * N * (8 + 4), make_args=classify_args),
         dict(name="scatter", n=N, kernel=kmerge.scatter, reference=rmerge.scatter, bytes=scatter_bytes(),
              make_args=scatter_args),
-        dict(name=f"compact_{R}_requests", n=N, kernel=kcompact.compact, reference=rcompact.compact,
-             bytes=2 * moved + total * (H + 1) * 8, make_args=compact_args),
-        dict(name=f"write_slots_{R}_requests", n=N, kernel=kcompact.write_slots, reference=rcompact.write_slots,
-             bytes=2 * moved + total * 8, make_args=write_args),
     ]

@@ -4,7 +4,7 @@ model, the same NIAH prompts, the same budgets, both modes, one table.
 kvpress 0.5.5 needs ``transformers<5.3``; kvpolicy pins a newer one, so
 kvpress runs in its own environment, ``.venv-kvpress`` (made on first use
 from the package registry: torch at our pin, kvpress and what it requires).
-This script builds the prompts once (:mod:`kvpolicy.evaluate`'s NIAH prompts
+This script builds the prompts once (:mod:`kvpolicy.eval.evaluate`'s NIAH prompts
 with the sweep's two needles), runs kvpolicy's policies here and kvpress's
 presses there (``bench/kvpress_worker.py``), and prints both.
 
@@ -83,13 +83,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "kvpress_side_by_side.json"))
     args = ap.parse_args(argv)
 
-    from kvpolicy import evaluate as ev
-    from kvpolicy.combinators import Policy
-    from kvpolicy.compose import as_budget
     from kvpolicy.dsl.parser import parse
-    from kvpolicy.models import default_model_dir, load_model
-    from kvpolicy.registry import load
-    from kvpolicy.sweep import NEEDLES
+    from kvpolicy.eval import evaluate as ev
+    from kvpolicy.eval.sweep import NEEDLES
+    from kvpolicy.hf.models import default_model_dir, load_model
+    from kvpolicy.lang.combinators import Policy
+    from kvpolicy.lang.compose import as_budget
+    from kvpolicy.lang.registry import load
 
     kv_python = ensure_env(sys.executable)
     lm, tok, shape = load_model()

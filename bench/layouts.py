@@ -45,12 +45,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kvpolicy import hf
-    from kvpolicy.evaluate import chat_ids
-    from kvpolicy.haystack import haystack_text
-    from kvpolicy.models import load_model, prepare_default_model
-    from kvpolicy.pipeline import compile_pipeline
-    from kvpolicy.registry import load, shipped_names
+    from kvpolicy.eval.evaluate import chat_ids
+    from kvpolicy.eval.haystack import haystack_text
+    from kvpolicy.exec.pipeline import compile_pipeline
+    from kvpolicy.hf import generate as hf
+    from kvpolicy.hf.models import load_model, prepare_default_model
+    from kvpolicy.lang.registry import load, shipped_names
 
     lm, tok, shape = load_model(str(prepare_default_model()))
     hay = tok.decode(tok.encode(haystack_text(), add_special_tokens=False)[:args.prompt_len - 40])

@@ -248,9 +248,9 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from kvpolicy.evaluate import chat_ids
-    from kvpolicy.haystack import haystack_text
-    from kvpolicy.models import resolve_model
+    from kvpolicy.eval.evaluate import chat_ids
+    from kvpolicy.eval.haystack import haystack_text
+    from kvpolicy.hf.models import resolve_model
     from kvpolicy.sglang_ext import server as srv
     from kvpolicy.sglang_ext.server import held_slots
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.evaluate import entries
-from kvpolicy.haystack import haystack_text
-from kvpolicy.hf import capture_needs, compress, prefill
-from kvpolicy.models import load_model
+from kvpolicy.eval.evaluate import entries
+from kvpolicy.eval.haystack import haystack_text
+from kvpolicy.hf.generate import capture_needs, compress, prefill
+from kvpolicy.hf.models import load_model
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ RESULTS = ROOT / "results"
 
 
 def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
-    from kvpolicy.evaluate import chat_ids
-    from kvpolicy.haystack import haystack_text
+    from kvpolicy.eval.evaluate import chat_ids
+    from kvpolicy.eval.haystack import haystack_text
 
     ids = tokenizer.encode(haystack_text(), add_special_tokens=False)
     out = []
@@ -150,8 +150,8 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from kvpolicy.models import model_name, resolve_model
-    from kvpolicy.registry import load
+    from kvpolicy.hf.models import model_name, resolve_model
+    from kvpolicy.lang.registry import load
 
     model = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(model)

@@ -1,7 +1,7 @@
 """The policy language: grammar, parser (text -> IR), formatter (IR -> text).
 
 Lark trees never leave this package; everything downstream consumes
-:mod:`kvpolicy.ir`. The parser (and Lark) load on first use of ``parse`` /
+:mod:`kvpolicy.lang.ir`. The parser (and Lark) load on first use of ``parse`` /
 ``parse_file``, so printing a policy (:func:`format_policy`) needs no Lark.
 """
 

@@ -1,4 +1,4 @@
-"""Turn Lark's parse errors into :class:`~kvpolicy.errors.PolicyError`.
+"""Turn Lark's parse errors into :class:`~kvpolicy.lang.errors.PolicyError`.
 
 A user never sees a Lark exception: each one becomes the domain error with the
 location, the source line and caret, the expected tokens spelt the way the
@@ -13,7 +13,7 @@ import re
 from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from kvpolicy.errors import Loc, PolicyError, did_you_mean, source_lines
+from kvpolicy.lang.errors import Loc, PolicyError, did_you_mean, source_lines
 
 # How the grammar's named terminals read in an error message.
 _READABLE = {

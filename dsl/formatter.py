@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 
-from kvpolicy import ir
-from kvpolicy.errors import source_lines
+from kvpolicy.lang import ir
+from kvpolicy.lang.errors import source_lines
 
 
 def number(x: float) -> str:

@@ -1,6 +1,6 @@
-"""Policy text -> :class:`~kvpolicy.ir.Policy`.
+"""Policy text -> :class:`~kvpolicy.lang.ir.Policy`.
 
-Three steps, each raising only :class:`~kvpolicy.errors.PolicyError`:
+Three steps, each raising only :class:`~kvpolicy.lang.errors.PolicyError`:
 
 1. Lark parses the text with ``grammar.lark`` (LALR); its errors are translated
    by :mod:`kvpolicy.dsl.errors`.
@@ -11,7 +11,7 @@ Three steps, each raising only :class:`~kvpolicy.errors.PolicyError`:
 3. ``extends`` merges a parent's slots under the child's (a child line replaces
    the parent's line of the same kind; a score replaces the parent's score of
    the same name), then the flattened policy is built and checked by
-   :func:`kvpolicy.validate.validate` with a locator pointing into whichever
+   :func:`kvpolicy.lang.validate.validate` with a locator pointing into whichever
    file each line came from.
 
 Lark trees never leave this module.
@@ -29,11 +29,11 @@ from typing import Any
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedInput
 
-from kvpolicy import ir
 from kvpolicy.dsl.errors import translate
-from kvpolicy.errors import Loc, PolicyError
+from kvpolicy.lang import ir
+from kvpolicy.lang.errors import Loc, PolicyError
+from kvpolicy.lang.validate import Locator, Where, validate
 from kvpolicy.policies import shipped_names, shipped_path
-from kvpolicy.validate import Locator, Where, validate
 
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 

@@ -4,8 +4,8 @@ Run: .venv/bin/python examples/compose.py
 """
 
 import kvpolicy as kp
-from kvpolicy.budgets import DEFAULT_MODEL
-from kvpolicy.compiler import plan
+from kvpolicy.compile.compiler import plan
+from kvpolicy.lang.budgets import DEFAULT_MODEL
 
 # A shipped method with the paper's defaults, at another budget.
 snap = kp.snapkv(budget=128)

@@ -10,9 +10,9 @@ import time
 import torch
 
 import kvpolicy as kp
-from kvpolicy.evaluate import NeedleSpec, niah_prompt
-from kvpolicy.hf import capture_needs, compress, decode, prefill
-from kvpolicy.models import load_model
+from kvpolicy.eval.evaluate import NeedleSpec, niah_prompt
+from kvpolicy.hf.generate import capture_needs, compress, decode, prefill
+from kvpolicy.hf.models import load_model
 
 t0 = time.perf_counter()
 lm, tok, shape = load_model()

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvpolicy.evaluate import NeedleSpec, niah_prompt
-from kvpolicy.models import prepare_default_model
-from kvpolicy.registry import load
+from kvpolicy.eval.evaluate import NeedleSpec, niah_prompt
+from kvpolicy.hf.models import prepare_default_model
+from kvpolicy.lang.registry import load
 from kvpolicy.sglang_ext import server as srv
 
 POLICY, BUDGET, PROMPT_LEN, DEPTH, NEW_TOKENS = "spankv", "15%", 2048, 0.5, 24

@@ -4,7 +4,7 @@ belongs to Hugging Face's distribution that SGLang depends on).
 
 ``kvpolicy.kernels.attention``: the attention statistics the scores read
 (observation-window attention, the fused SnapKV score, H2O's accumulated
-attention), same signatures as :mod:`kvpolicy.reference.attention`.
+attention), same signatures as :mod:`kvpolicy.exec.reference.attention`.
 
 How kernels run is fixed when Triton is first imported, for the whole process:
 

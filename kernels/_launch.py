@@ -1,4 +1,4 @@
-"""What ``select``, ``merge`` and ``compact`` share to define and launch
+"""What ``select`` and ``merge`` share to define and launch
 their kernels: Triton imported if it can be (importing those modules never
 needs it), ``jit`` that leaves a plain function without Triton, and the
 check made before each launch.

@@ -1,5 +1,5 @@
 """Triton kernels for the attention statistics the scores read, with the
-signatures of :mod:`kvpolicy.reference.attention` (the pure-torch reference
+signatures of :mod:`kvpolicy.exec.reference.attention` (the pure-torch reference
 beside each one) and never more than one tile of logits at a time.
 
 * :func:`window_attention`: softmax rows of the last ``window`` queries over all
@@ -8,7 +8,7 @@ beside each one) and never more than one tile of logits at a time.
   score needs, ``[H_kv, N]``: summed (or max'd) over the window queries, pooled
   per query head over the tokens before the window (SnapKV eq. 2), then reduced
   over each GQA group -- :func:`window_scores_reference` composes the reference
-  stages the same way, as :func:`kvpolicy.reference.scores.local_term` does.
+  stages the same way, as :func:`kvpolicy.exec.reference.scores.local_term` does.
 * :func:`split_decode_attention`: one decode step for a compressed request
   whose KV heads keep different numbers of tokens, one sequence per (request,
   KV head) reading its kept prompt rows and its decoded tokens.
@@ -45,9 +45,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kvpolicy.exec.reference import attention as reference
+from kvpolicy.exec.reference.scores import pool_tokens
 from kvpolicy.kernels import interpreted, require
-from kvpolicy.reference import attention as reference
-from kvpolicy.reference.scores import pool_tokens
 
 try:
     import triton
@@ -264,7 +264,7 @@ def window_attention(queries: Tensor, keys: Tensor, n_rep: int, window: int | No
                      scale: float | None = None, *, block_m: int = WINDOW_BLOCK_M, block_n: int = WINDOW_BLOCK_N,
                      keys_per_split: int | None = None) -> Tensor:
     """Softmax rows of the last ``window`` prompt queries over all ``N`` keys
-    (SnapKV, arXiv 2404.14469 eq. 1); as :func:`kvpolicy.reference.attention.window_attention`.
+    (SnapKV, arXiv 2404.14469 eq. 1); as :func:`kvpolicy.exec.reference.attention.window_attention`.
 
     ``queries [H, W_cap, d]`` are the last ``W_cap`` prompt queries (positions
     ``N - W_cap .. N - 1``), ``keys [H_kv, N, d]``; ``window <= W_cap`` of them
@@ -384,13 +384,13 @@ def window_scores(queries: Tensor, keys: Tensor, n_rep: int, window: int | None 
     For each query head, the window attention (as :func:`window_attention`)
     summed over the window queries (``reduce="max"``: max'd) -- SnapKV's vote,
     arXiv 2404.14469 eq. 1 -- then pooled along the tokens before the window
-    (``pool``: a :class:`kvpolicy.ir.Pool` or anything with ``kind`` ``avg|max``
+    (``pool``: a :class:`kvpolicy.lang.ir.Pool` or anything with ``kind`` ``avg|max``
     and an odd ``size``; same length, zero padding counted by ``avg``, as
-    :func:`kvpolicy.reference.scores.pool_tokens`; eq. 2), the window's own
+    :func:`kvpolicy.exec.reference.scores.pool_tokens`; eq. 2), the window's own
     tokens keeping their raw values, then reduced over each GQA group of
     ``n_rep`` query heads (``gqa="mean"|"max"``). Equal to
     :func:`window_scores_reference`, and for ``reduce="sum"`` to
-    :func:`kvpolicy.reference.scores.local_term` over all heads.
+    :func:`kvpolicy.exec.reference.scores.local_term` over all heads.
     """
     _, H_kv, N, d, w = _window_shape(queries, keys, n_rep, window)
     pool_kind, pool_size = _check_reductions(reduce, gqa, pool)
@@ -415,7 +415,7 @@ def window_scores_reference(queries: Tensor, keys: Tensor, n_rep: int, window: i
                             scale: float | None = None, *, reduce: str = "sum", gqa: str = "mean",
                             pool=None) -> Tensor:
     """:func:`window_scores` from the reference stages, composed as
-    :func:`kvpolicy.reference.scores.local_term` does (pure torch)."""
+    :func:`kvpolicy.exec.reference.scores.local_term` does (pure torch)."""
     _check_reductions(reduce, gqa, pool)
     probs = reference.window_attention(queries, keys, n_rep, window=window, scale=scale)  # [H, w, N]
     raw = probs.sum(dim=1) if reduce == "sum" else probs.amax(dim=1)
@@ -525,7 +525,7 @@ def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | N
                                block: int = 256, scale: float | None = None) -> tuple[Tensor | None, Tensor]:
     """Causal attention output ``[H, T, d_v]`` fp32 (when ``values`` are given)
     and the accumulated attention ``[H, N]`` fp32 from the same softmax rows; as
-    :func:`kvpolicy.reference.attention.attention_with_column_sums`.
+    :func:`kvpolicy.exec.reference.attention.attention_with_column_sums`.
 
     ``queries [H, T, d]`` are the last ``T`` of the ``N`` positions the keys
     ``[H_kv, N, d]`` (and values) cover: ``T = N`` for a whole prompt, ``T < N``
@@ -575,7 +575,7 @@ def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int 
     accumulated attention, arXiv 2306.14048 §3); ``queries [H, N, d]`` (or the
     last ``T < N`` positions only: one prefill chunk's share), ``keys
     [H_kv, N, d]`` -> ``[H, N]`` fp32, as
-    :func:`kvpolicy.reference.attention.accumulated_attention`; see
+    :func:`kvpolicy.exec.reference.attention.accumulated_attention`; see
     :func:`attention_with_column_sums` for the two passes and ``block``."""
     return attention_with_column_sums(queries, keys, None, n_rep, block=block)[1]
 
@@ -637,7 +637,7 @@ def _split_decode_kernel(Q, K, V, O, KEPT, SPLIT, END,
 def split_decode_attention(queries: Tensor, keys: Tensor, values: Tensor, kept: Tensor, split: Tensor,
                            end: Tensor, scale: float, logit_cap: float = 0.0, block: int = 64) -> Tensor:
     """One decode step over two ranges of key rows per sequence, as
-    :func:`kvpolicy.reference.attention.split_decode_attention` (same
+    :func:`kvpolicy.exec.reference.attention.split_decode_attention` (same
     arguments; ``[S, n_rep, d_v]`` fp32). One program per sequence; ``block``
     keys per tile (a power of two, at least 16)."""
     S, n_rep, d = queries.shape

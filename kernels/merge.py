@@ -1,7 +1,7 @@
 """Class assignment and the zero-class merge scatter in Triton: the kernels of
-:func:`kvpolicy.reference.merge.classify` and :func:`kvpolicy.reference.merge.scatter`,
+:func:`kvpolicy.exec.reference.merge.classify` and :func:`kvpolicy.exec.reference.merge.scatter`,
 same signatures, same results (EMS, arXiv 2412.08521: evict-then-merge with a
-zero class; the choices are documented in :mod:`kvpolicy.reference.merge`).
+zero class; the choices are documented in :mod:`kvpolicy.exec.reference.merge`).
 
 **classify.** Per KV head ``h`` the centres are its tokens picked by score
 (``C_h`` of them, in position order). A token ``n`` that is neither kept nor
@@ -35,7 +35,7 @@ Float atomics make the summation order, hence the last bits, vary: results
 equal the reference within fp32 rounding, not bit for bit.
 
 ``l2`` merges at a distance below the threshold and a head without centres
-merges nothing, as in the reference and :class:`kvpolicy.ir.MergeSimilar`.
+merges nothing, as in the reference and :class:`kvpolicy.lang.ir.MergeSimilar`.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpolicy import ir
+from kvpolicy.exec.reference import merge as reference
+from kvpolicy.exec.reference.merge import Classes
 from kvpolicy.kernels._launch import jit as _jit
 from kvpolicy.kernels._launch import require_triton as _require_triton
 from kvpolicy.kernels._launch import tl, triton
-from kvpolicy.reference import merge as reference
-from kvpolicy.reference.merge import Classes
+from kvpolicy.lang import ir
 
 BLOCK_TOKENS = 32  # tokens per program (classify, accumulate)
 BLOCK_CENTRES = 32  # centres per tl.dot tile
@@ -69,7 +69,7 @@ def _block_d(d: int) -> int:
 
 def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres: Tensor,
              merge: ir.MergeSimilar | None, protected: Tensor) -> Classes:
-    """:func:`kvpolicy.reference.merge.classify` with the similarity, arg-max
+    """:func:`kvpolicy.exec.reference.merge.classify` with the similarity, arg-max
     and threshold in Triton. ``keys``/``values`` ``[H_kv, N, d]``, ``scores``,
     ``kept``, ``centres`` ``[H_kv, N]``, ``protected`` ``[N]``."""
     _require_triton(keys, _assign_kernel)
@@ -163,7 +163,7 @@ def _assign_kernel(x_ptr, x_h, x_n, z_ptr, z_h, z_n, centre_pos_ptr, centre_slot
 
 
 def scatter(keys: Tensor, values: Tensor, classes: Classes) -> tuple[Tensor, Tensor]:
-    """:func:`kvpolicy.reference.merge.scatter` in Triton: ``(keys, values)``
+    """:func:`kvpolicy.exec.reference.merge.scatter` in Triton: ``(keys, values)``
     ``[H_kv, K, d]`` in the input dtype, unused slots zero."""
     _require_triton(keys, _accumulate_kernel)
     H, N, d = keys.shape

@@ -1,5 +1,5 @@
 """Per-head top-c selection in Triton: the hot part of
-:func:`kvpolicy.reference.select.pick`, same signature, same result.
+:func:`kvpolicy.exec.reference.select.pick`, same signature, same result.
 
 SnapKV (arXiv 2404.14469) keeps, for each KV head ``h`` separately, the ``c``
 candidates with the highest score ``s[h, n]`` (protected tokens are not
@@ -38,19 +38,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpolicy import ir
+from kvpolicy.exec.reference import select as reference
+from kvpolicy.exec.reference.select import Picks
 from kvpolicy.kernels._launch import jit as _jit
 from kvpolicy.kernels._launch import require_triton as _require_triton
 from kvpolicy.kernels._launch import tl, triton
-from kvpolicy.reference import select as reference
-from kvpolicy.reference.select import Picks
+from kvpolicy.lang import ir
 
 BLOCK_N = 1024  # tokens per step of the threshold search
 BLOCK_ORDER = 64  # picks per side of the order kernel's comparison tile
 
 
 def pick(selection: ir.Selection, scores: Tensor, candidates: Tensor, c: int) -> Picks:
-    """:func:`kvpolicy.reference.select.pick` with the top-``c`` of ``unit head``
+    """:func:`kvpolicy.exec.reference.select.pick` with the top-``c`` of ``unit head``
     and ``unit layer`` in Triton. ``scores [H_kv, N]``, ``candidates [N]`` or
     ``[H_kv, N]`` bool."""
     H = scores.shape[0]

@@ -5,14 +5,14 @@
     q = kp.snapkv(budget=256).with_layers(kp.pyramid(beta=20))
     print(q.to_kvp())
 
-Layering (no upward imports): ``kvpolicy.dsl`` (text) -> ``kvpolicy.ir`` ->
-``kvpolicy.compiler`` (plans) -> back ends (reference, kernels, SGLang).
+Layering (no upward imports): ``kvpolicy.dsl`` (text) -> ``kvpolicy.lang.ir`` ->
+``kvpolicy.compile.compiler`` (plans) -> back ends (reference, kernels, SGLang).
 """
 
 import importlib
 
 # The public names, each from the module that defines it. Loaded on first use
-# (PEP 562), so importing a lower layer (``kvpolicy.ir``, the executor, the
+# (PEP 562), so importing a lower layer (``kvpolicy.lang.ir``, the executor, the
 # serving runtime) does not load the language's parser with the package.
 _COMPOSE = (
     "METHODS",
@@ -50,9 +50,9 @@ _COMPOSE = (
     "with_window",
     "zscore",
 )
-_WHERE = {**{name: "kvpolicy.compose" for name in _COMPOSE}, "PolicyError": "kvpolicy.errors",
-          "Policy": "kvpolicy.combinators", "load": "kvpolicy.registry", "shipped_names": "kvpolicy.registry"}
-_SUBPACKAGES = ("dsl", "kernels", "policies", "reference", "sglang_ext")
+_WHERE = {**{name: "kvpolicy.lang.compose" for name in _COMPOSE}, "PolicyError": "kvpolicy.lang.errors",
+          "Policy": "kvpolicy.lang.combinators", "load": "kvpolicy.lang.registry", "shipped_names": "kvpolicy.lang.registry"}
+_SUBPACKAGES = ("compile", "dsl", "eval", "exec", "hf", "kernels", "lang", "policies", "sglang_ext")
 
 
 def __getattr__(name: str):

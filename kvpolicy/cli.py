@@ -14,7 +14,7 @@ import difflib
 import sys
 from pathlib import Path
 
-from kvpolicy.errors import InputError, PolicyError
+from kvpolicy.lang.errors import InputError, PolicyError
 
 # -- argument types: every numeric option is checked where it is parsed ------------------
 
@@ -118,9 +118,9 @@ def cmd_fmt(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from kvpolicy.budgets import DEFAULT_MODEL, ModelShape
-    from kvpolicy.compiler import explain, plan
-    from kvpolicy.registry import load
+    from kvpolicy.compile.compiler import explain, plan
+    from kvpolicy.lang.budgets import DEFAULT_MODEL, ModelShape
+    from kvpolicy.lang.registry import load
 
     try:
         policy = load(args.policy)
@@ -148,7 +148,7 @@ def _write_json(data: dict, out: str) -> None:
 
 
 def cmd_model_prepare(args) -> int:
-    from kvpolicy.models import ModelError, prepare_default_model
+    from kvpolicy.hf.models import ModelError, prepare_default_model
 
     try:
         print(prepare_default_model(force=args.force))
@@ -159,7 +159,7 @@ def cmd_model_prepare(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from kvpolicy.models import ModelError
+    from kvpolicy.hf.models import ModelError
 
     try:
         art, out = _run_calibration(args)
@@ -171,10 +171,10 @@ def cmd_calibrate(args) -> int:
 
 
 def _run_calibration(args) -> tuple[dict, str]:
-    from kvpolicy.artifacts import model_artifact_name
-    from kvpolicy.calibrate import calibrate_heads, calibrate_layers
-    from kvpolicy.models import load_model
-    from kvpolicy.registry import load
+    from kvpolicy.eval.calibrate import calibrate_heads, calibrate_layers
+    from kvpolicy.hf.models import load_model
+    from kvpolicy.lang.artifacts import model_artifact_name
+    from kvpolicy.lang.registry import load
 
     policy = load(args.policy) if args.what == "layers" else None
     lm, tok, shape = load_model(args.model)
@@ -192,7 +192,7 @@ def _run_calibration(args) -> tuple[dict, str]:
 
 
 def cmd_eval(args) -> int:
-    from kvpolicy.models import ModelError
+    from kvpolicy.hf.models import ModelError
 
     try:
         result = _run_eval(args)
@@ -205,8 +205,8 @@ def cmd_eval(args) -> int:
 
 
 def _run_eval(args) -> dict:
-    from kvpolicy import evaluate as ev
-    from kvpolicy.models import load_model
+    from kvpolicy.eval import evaluate as ev
+    from kvpolicy.hf.models import load_model
 
     if args.task == "sweep":
         return _run_sweep(args)
@@ -222,18 +222,18 @@ def _run_eval(args) -> dict:
                          needles=needles, haystack=haystack, max_new_tokens=args.max_new_tokens)
         print(ev.table(result))
         if args.plot:
-            from kvpolicy.plots import niah_heatmaps
+            from kvpolicy.eval.plots import niah_heatmaps
 
             print(f"wrote {len(niah_heatmaps(result, args.plot))} heatmaps to {args.plot}")
     elif args.task == "ruler":
-        from kvpolicy.ruler import ruler
+        from kvpolicy.eval.ruler import ruler
 
         modes = ("query-aware", "context-only") if args.mode == "both" else (args.mode,)
         result = ruler(lm, tok, shape, batch, tasks=args.tasks, length=args.length, samples=args.samples,
                        modes=modes, max_new_tokens=args.max_new_tokens)
         print(ev.table(result))
     elif args.task == "longbench":
-        from kvpolicy.longbench import longbench
+        from kvpolicy.eval.longbench import longbench
 
         try:
             result = longbench(lm, tok, shape, batch, args.data, max_length=args.max_length,
@@ -254,10 +254,10 @@ def _run_eval(args) -> dict:
 
 
 def _run_sweep(args) -> dict:
-    from kvpolicy import sweep as sw
-    from kvpolicy.compose import as_budget
-    from kvpolicy.models import load_model
-    from kvpolicy.registry import load, shipped_names
+    from kvpolicy.eval import sweep as sw
+    from kvpolicy.hf.models import load_model
+    from kvpolicy.lang.compose import as_budget
+    from kvpolicy.lang.registry import load, shipped_names
 
     policies = [load(name) for name in (args.policy or shipped_names())]
     for b in args.budgets:
@@ -270,7 +270,7 @@ def _run_sweep(args) -> dict:
     result["model"] = shape.name
     print(sw.table(result))
     if args.plot:
-        from kvpolicy.plots import sweep_curves
+        from kvpolicy.eval.plots import sweep_curves
 
         print(f"wrote {len(sweep_curves(result, args.plot))} plots to {args.plot}")
     result["policy_texts"] = {p.name: p.to_kvp() for p in policies}
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="artifact path (default: <model>.heads.json / <model>.layers.json here)")
         sp.set_defaults(run=cmd_calibrate)
 
-    from kvpolicy.evaluate import NeedleSpec
+    from kvpolicy.eval.evaluate import NeedleSpec
 
     ev = sub.add_parser("eval", help="compare policies on the model: niah, ppl")
     esub = ev.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--target", type=positive_int, default=256, help="scored continuation tokens (default 256)")
     ep.add_argument("--windows", type=positive_int, default=3, help="stretches of text averaged (default 3)")
     ep.add_argument("--text", type=existing_file, help="a text file to use instead of pydoc_data.topics")
-    from kvpolicy.ruler import TASKS
+    from kvpolicy.eval.ruler import TASKS
 
     er = esub.add_parser("ruler", help="RULER-style synthetic tasks, generated offline with fixed seeds")
     er.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which tasks (default: all)")
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt tokens (longer: cut in the middle; default 3500)")
     el.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per answer (default 64)")
     el.add_argument("--limit", type=positive_int, help="at most this many examples per dataset")
-    from kvpolicy.sweep import BUDGETS
+    from kvpolicy.eval.sweep import BUDGETS
 
     es = esub.add_parser("sweep", help="budget curves: every policy x budget on NIAH, RULER multikey, ppl")
     es.add_argument("--policy", type=nonempty, nargs="+",
@@ -445,7 +445,7 @@ def cmd_serve(args) -> int:
 
     argv = list(args.sglang_args)
     if not any(a in ("-h", "--help") or a.startswith("--model-path") for a in argv):
-        from kvpolicy.models import prepare_default_model
+        from kvpolicy.hf.models import prepare_default_model
 
         argv = ["--model-path", str(prepare_default_model()), *argv]
     launch(argv)

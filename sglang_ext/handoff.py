@@ -4,7 +4,7 @@ The launcher and the HTTP process read ``.kvp`` text (they may load the
 parser); the schedulers only run IR (ARCHITECTURE.md, import rules). So:
 
 * at launch, :mod:`kvpolicy.sglang_ext.launch` writes the checked policy's IR
-  (:mod:`kvpolicy.wire`) into :data:`ENV_POLICY_IR`; SGLang starts its
+  (:mod:`kvpolicy.lang.wire`) into :data:`ENV_POLICY_IR`; SGLang starts its
   schedulers after argument parsing, so they inherit it;
 * per request, the HTTP process resolves ``custom_params`` ``kv_policy`` /
   ``kv_budget`` (a 400 for anything the server cannot serve) and writes the
@@ -14,8 +14,8 @@ parser); the schedulers only run IR (ARCHITECTURE.md, import rules). So:
 
 from __future__ import annotations
 
-from kvpolicy import ir, wire
-from kvpolicy.errors import PolicyError
+from kvpolicy.lang import ir, wire
+from kvpolicy.lang.errors import PolicyError
 
 ENV_POLICY = "KVPOLICY_SERVE_POLICY"  # the --kv-policy value (a path or a shipped name), for logs and checks
 ENV_POLICY_IR = "KVPOLICY_SERVE_POLICY_IR"  # the launch policy's IR, for the schedulers

@@ -61,7 +61,7 @@ def runtime():
     """The scheduler process's :class:`~kvpolicy.sglang_ext.runtime.Runtime`."""
     global _runtime
     if _runtime is None:
-        from kvpolicy import wire
+        from kvpolicy.lang import wire
         from kvpolicy.sglang_ext.runtime import Runtime
 
         _runtime = Runtime(wire.loads(os.environ[handoff.ENV_POLICY_IR]))
@@ -91,7 +91,7 @@ def _before_validate_request(manager, obj, *args, **kwargs):
     params = getattr(obj, "sampling_params", None)
     if not spec or not isinstance(params, dict):
         return None
-    from kvpolicy.errors import PolicyError
+    from kvpolicy.lang.errors import PolicyError
     from kvpolicy.sglang_ext import launch
 
     custom = params.get("custom_params")
@@ -109,7 +109,7 @@ def _before_validate_request(manager, obj, *args, **kwargs):
 def _server_policy(spec: str):
     global _launch_policy
     if _launch_policy is None or _launch_policy[0] != spec:
-        from kvpolicy.registry import load
+        from kvpolicy.lang.registry import load
 
         _launch_policy = (spec, load(spec))
     return _launch_policy[1]

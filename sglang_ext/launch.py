@@ -17,9 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-from kvpolicy import ir, wire
-from kvpolicy.errors import PolicyError
-from kvpolicy.registry import load, shipped_names
+from kvpolicy.lang import ir, wire
+from kvpolicy.lang.errors import PolicyError
+from kvpolicy.lang.registry import load, shipped_names
 from kvpolicy.sglang_ext.handoff import ENV_POLICY, ENV_POLICY_DIR, ENV_POLICY_IR, REQUEST_BUDGET, REQUEST_POLICY
 
 FLAG = "--kv-policy"

@@ -159,7 +159,7 @@ def decode_attention(q: Tensor, layer: int, reader: LayerReader, decoded: Tensor
     ``layer``: each KV head reads its kept rows, then the request's slots
     ``decoded`` (written by SGLang since compression, the current token's
     included). ``keys(l)`` / ``values(l)`` give layer ``l``'s pool buffers;
-    ``attend`` is :func:`kvpolicy.reference.attention.split_decode_attention`
+    ``attend`` is :func:`kvpolicy.exec.reference.attention.split_decode_attention`
     or the Triton kernel of the same signature. Returns ``[H, d_v]`` fp32."""
     H_kv, K = reader.shape
     k = torch.cat([gather(keys, reader, pool_slots), keys(layer)[decoded].transpose(0, 1)], dim=1)

@@ -8,7 +8,7 @@ Life of a compressed request (ARCHITECTURE.md § Where compressed KV lives in SG
    keys and values to the pool: it keeps the last ``W`` post-RoPE queries of
    each request that will be compressed and, when the policy scores with
    ``global()``, adds the chunk's share of the accumulated attention
-   (:func:`kvpolicy.reference.attention.accumulated_attention` with the
+   (:func:`kvpolicy.exec.reference.attention.accumulated_attention` with the
    chunk's queries over all keys so far).
 2. **Compress.** When the request's prefill result has been processed (its
    prompt is then checkpointed into the radix tree as exact KV),
@@ -51,12 +51,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpolicy import ir
-from kvpolicy.budgets import ModelShape
-from kvpolicy.errors import PolicyError
-from kvpolicy.pipeline import Pipeline, compile_pipeline
-from kvpolicy.reference.attention import accumulated_attention, split_decode_attention
-from kvpolicy.reference.scores import LayerInputs
+from kvpolicy.exec.pipeline import Pipeline, compile_pipeline
+from kvpolicy.exec.reference.attention import accumulated_attention, split_decode_attention
+from kvpolicy.exec.reference.scores import LayerInputs
+from kvpolicy.lang import ir
+from kvpolicy.lang.budgets import ModelShape
+from kvpolicy.lang.errors import PolicyError
 from kvpolicy.sglang_ext import row_layout
 from kvpolicy.sglang_ext.handoff import request_policy
 from kvpolicy.sglang_ext.invariants import broken_invariants

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from kvpolicy import ir
+from kvpolicy.lang import ir
 
 KEYWORDS = ["policy", "budget", "keep", "score", "per", "layers", "layer", "trigger", "top", "merge",
             "evict", "rest", "into", "tokens", "every", "prefill", "global", "local", "head", "all"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvpolicy.artifacts import ArtifactError, check_artifact, load_artifact, model_artifact_name
+from kvpolicy.lang.artifacts import ArtifactError, check_artifact, load_artifact, model_artifact_name
 from tests.conftest import heads_artifact, layers_artifact
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 import kvpolicy as kp
-from kvpolicy import ir
-from kvpolicy.budgets import ModelShape, adaptive, layer_budgets, proportional, pyramid
-from kvpolicy.compiler import plan
-from kvpolicy.errors import PolicyError
+from kvpolicy.compile.compiler import plan
+from kvpolicy.lang import ir
+from kvpolicy.lang.budgets import ModelShape, adaptive, layer_budgets, proportional, pyramid
+from kvpolicy.lang.errors import PolicyError
 from tests.conftest import layers_artifact
 
 SHAPE4 = ModelShape(num_layers=4, num_kv_heads=2, num_q_heads=6)

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from kvpolicy.cli import main
-from kvpolicy.compiler import STAGES
-from kvpolicy.registry import shipped_path
+from kvpolicy.compile.compiler import STAGES
+from kvpolicy.lang.registry import shipped_path
 from tests.conftest import VALID
 
 POLICIES = sorted(str(p) for p in Path(shipped_path("ems")).parent.glob("*.kvp"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import kvpolicy as kp
-from kvpolicy import ir
 from kvpolicy.dsl import parse
+from kvpolicy.lang import ir
 
 
 @pytest.mark.parametrize("name", sorted(kp.METHODS))

@@ -21,28 +21,27 @@ PACKAGES = {"kvpolicy": "kvpolicy", "kvpolicy.dsl": "dsl", "kvpolicy.kernels": "
 #: bottom to top; a module may import its own layer and those below it.
 #: A name is a module or a package prefix; the longest match wins.
 LAYERS = [
-    ("ir", ["kvpolicy.errors", "kvpolicy.ir", "kvpolicy.wire", "kvpolicy.policies"]),
-    ("checks", ["kvpolicy.artifacts", "kvpolicy.validate", "kvpolicy.budgets"]),
+    ("ir", ["kvpolicy.lang", "kvpolicy.lang.errors", "kvpolicy.lang.ir", "kvpolicy.lang.wire", "kvpolicy.policies"]),
+    ("checks", ["kvpolicy.lang.artifacts", "kvpolicy.lang.validate", "kvpolicy.lang.budgets"]),
     ("text", ["kvpolicy.dsl"]),
-    ("language", ["kvpolicy.combinators", "kvpolicy.registry", "kvpolicy.compose"]),
-    ("compile", ["kvpolicy.compiler"]),
-    ("execute", ["kvpolicy.reference", "kvpolicy.kernels", "kvpolicy.pipeline"]),
-    ("model", ["kvpolicy.models", "kvpolicy.hf"]),
-    ("evaluate", ["kvpolicy.haystack", "kvpolicy.evaluate", "kvpolicy.ruler", "kvpolicy.longbench",
-                  "kvpolicy.plots", "kvpolicy.calibrate"]),
+    ("language", ["kvpolicy.lang.combinators", "kvpolicy.lang.registry", "kvpolicy.lang.compose"]),
+    ("compile", ["kvpolicy.compile"]),
+    ("execute", ["kvpolicy.exec", "kvpolicy.kernels"]),
+    ("model", ["kvpolicy.hf"]),
+    ("evaluate", ["kvpolicy.eval"]),
     ("serve", ["kvpolicy.sglang_ext"]),
     ("app", ["kvpolicy.cli", "kvpolicy.__main__", "kvpolicy"]),
 ]
 
 #: what must never be loaded by importing these modules (checked in a fresh interpreter)
 NEVER_LOADED = {
-    "kvpolicy.pipeline": ["lark", "kvpolicy.dsl.parser", "sglang"],
-    "kvpolicy.hf": ["lark", "kvpolicy.dsl.parser", "sglang"],
-    "kvpolicy.kernels.select": ["lark", "kvpolicy.dsl.parser", "kvpolicy.registry", "sglang"],
-    "kvpolicy.kernels.merge": ["lark", "kvpolicy.dsl.parser", "kvpolicy.registry", "sglang"],
-    "kvpolicy.kernels.attention": ["lark", "kvpolicy.dsl.parser", "kvpolicy.registry", "sglang"],
-    "kvpolicy.sglang_ext.runtime": ["lark", "kvpolicy.dsl.parser", "kvpolicy.registry", "kvpolicy.sglang_ext.server"],
-    "kvpolicy.sglang_ext.hooks": ["lark", "kvpolicy.dsl.parser", "kvpolicy.registry", "kvpolicy.sglang_ext.server"],
+    "kvpolicy.exec.pipeline": ["lark", "kvpolicy.dsl.parser", "sglang"],
+    "kvpolicy.hf.generate": ["lark", "kvpolicy.dsl.parser", "sglang"],
+    "kvpolicy.kernels.select": ["lark", "kvpolicy.dsl.parser", "kvpolicy.lang.registry", "sglang"],
+    "kvpolicy.kernels.merge": ["lark", "kvpolicy.dsl.parser", "kvpolicy.lang.registry", "sglang"],
+    "kvpolicy.kernels.attention": ["lark", "kvpolicy.dsl.parser", "kvpolicy.lang.registry", "sglang"],
+    "kvpolicy.sglang_ext.runtime": ["lark", "kvpolicy.dsl.parser", "kvpolicy.lang.registry", "kvpolicy.sglang_ext.server"],
+    "kvpolicy.sglang_ext.hooks": ["lark", "kvpolicy.dsl.parser", "kvpolicy.lang.registry", "kvpolicy.sglang_ext.server"],
 }
 
 #: outside imports a layer may not use at all

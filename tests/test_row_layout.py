@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kvpolicy.reference.attention import split_decode_attention
+from kvpolicy.exec.reference.attention import split_decode_attention
 from kvpolicy.sglang_ext import row_layout as rl
 
 S, L, H, d = 64, 3, 2, 8  # pool slots per layer, layers, KV heads, head dim

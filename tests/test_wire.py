@@ -1,4 +1,4 @@
-"""The IR as JSON (kvpolicy.wire) and the hand-off of policies to SGLang's
+"""The IR as JSON (kvpolicy.lang.wire) and the hand-off of policies to SGLang's
 schedulers (kvpolicy.sglang_ext.handoff): every policy survives the trip, a
 client cannot smuggle one in, and a request whose policy was not resolved by
 the HTTP process is refused rather than served under the wrong policy."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 
-from kvpolicy import ir, wire
-from kvpolicy.errors import PolicyError
-from kvpolicy.registry import load, shipped_names
+from kvpolicy.lang import ir, wire
+from kvpolicy.lang.errors import PolicyError
+from kvpolicy.lang.registry import load, shipped_names
 from kvpolicy.sglang_ext import handoff
 from tests.strategies import policies
 

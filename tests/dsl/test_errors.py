@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvpolicy.dsl import parse
-from kvpolicy.errors import PolicyError
+from kvpolicy.lang.errors import PolicyError
 from tests.conftest import VALID, heads_artifact
 
 

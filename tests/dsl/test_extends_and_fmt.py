@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvpolicy import ir, load
+from kvpolicy import load
 from kvpolicy.dsl import parse, parse_file
 from kvpolicy.dsl.formatter import format_source
-from kvpolicy.errors import PolicyError
+from kvpolicy.lang import ir
+from kvpolicy.lang.errors import PolicyError
 
 
 def test_extends_shipped_name_overrides_single_lines():

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from kvpolicy.dsl import parse
 from kvpolicy.dsl.formatter import format_source
-from kvpolicy.errors import PolicyError
-from kvpolicy.registry import shipped_path
+from kvpolicy.lang.errors import PolicyError
+from kvpolicy.lang.registry import shipped_path
 
 SHIPPED_TEXTS = [shipped_path(n).read_text() for n in ("ems", "snapkv", "adakv", "streamingllm", "h2o")]
 ALPHABET = "abcdeglmnoprstuvwxyz_0123456789 .,;=%+-*<>#(){}[]\"\\\n\t$"

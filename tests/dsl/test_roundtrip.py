@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from kvpolicy import ir, load, shipped_names
+from kvpolicy import load, shipped_names
 from kvpolicy.dsl import format_policy, parse
 from kvpolicy.dsl.formatter import format_source
-from kvpolicy.registry import shipped_path
-from kvpolicy.validate import validate
+from kvpolicy.lang import ir
+from kvpolicy.lang.registry import shipped_path
+from kvpolicy.lang.validate import validate
 from tests.strategies import policies
 
 SHIPPED = ["adakv", "compresskv", "ems", "full", "h2o", "pyramidkv", "snapkv", "spankv", "streamingllm"]

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpolicy import ir, kernels
+from kvpolicy import kernels
+from kvpolicy.exec.reference import attention as R
+from kvpolicy.exec.reference.scores import LayerInputs, ScoreContext, local_term
 from kvpolicy.kernels import attention as K
-from kvpolicy.reference import attention as R
-from kvpolicy.reference.scores import LayerInputs, ScoreContext, local_term
+from kvpolicy.lang import ir
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,5 +1,5 @@
 """Triton top-c selection, class assignment and merge scatter against the
-reference stages (kvpolicy.reference.select / merge).
+reference stages (kvpolicy.exec.reference.select / merge).
 
 Without a GPU these run in Triton's interpreter at small sizes; without Triton
 the module fails to import (loudly, never a skip).
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -36,11 +38,11 @@ if DEVICE == "cpu":  # before triton is first imported (also done by conftest.py
 import pytest
 import triton  # noqa: F401 - without Triton this module fails to import, loudly
 
-from kvpolicy import ir
+from kvpolicy.exec.reference import merge as rmerge
+from kvpolicy.exec.reference import select as rselect
 from kvpolicy.kernels import merge as kmerge
 from kvpolicy.kernels import select as kselect
-from kvpolicy.reference import merge as rmerge
-from kvpolicy.reference import select as rselect
+from kvpolicy.lang import ir
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCATTER_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-3, atol=1e-3),
@@ -313,11 +315,11 @@ def test_pipeline_picks_triton_for_cuda_and_the_reference_on_the_cpu():
     Triton only runs interpreted), Triton for CUDA tensors; and the Triton
     backend, forced on the CPU under the interpreter, compresses like the
     reference."""
-    from kvpolicy.budgets import ModelShape
-    from kvpolicy.compiler import referenced_terms
-    from kvpolicy.pipeline import REFERENCE, backend_for, compile_pipeline, triton_backend
-    from kvpolicy.reference.scores import LayerInputs
-    from kvpolicy.registry import load
+    from kvpolicy.compile.compiler import referenced_terms
+    from kvpolicy.exec.pipeline import REFERENCE, backend_for, compile_pipeline, triton_backend
+    from kvpolicy.exec.reference.scores import LayerInputs
+    from kvpolicy.lang.budgets import ModelShape
+    from kvpolicy.lang.registry import load
 
     assert backend_for(torch.device("cpu")) is REFERENCE
     if torch.cuda.is_available():
@@ -336,3 +338,24 @@ def test_pipeline_picks_triton_for_cuda_and_the_reference_on_the_cpu():
         assert torch.equal(ref.positions.cpu(), tri.positions.cpu()), name
         torch.testing.assert_close(tri.keys.cpu(), ref.keys.cpu(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(tri.values.cpu(), ref.values.cpu(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_modules_import_without_triton_and_fail_when_called():
+    code = """
+import sys
+sys.modules["triton"] = None  # as if Triton were not installed
+import torch
+from kvpolicy.kernels import merge, select
+for call in (lambda: select.top_c(torch.zeros(1, 4), torch.ones(4, dtype=torch.bool), 2),
+             lambda: merge.scatter(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), None)):
+    try:
+        call()
+    except ImportError as e:
+        assert "needs Triton" in str(e), e
+    else:
+        raise AssertionError("a kernel ran without Triton")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

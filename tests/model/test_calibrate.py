@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("transformers", reason="calibration needs transformers (installed by `make test`)")
 
 import kvpolicy as kp  # noqa: E402
-from kvpolicy.artifacts import check_artifact  # noqa: E402
-from kvpolicy.calibrate import calibrate_heads, calibrate_layers  # noqa: E402
-from kvpolicy.haystack import NEEDLES, build_probe  # noqa: E402
+from kvpolicy.eval.calibrate import calibrate_heads, calibrate_layers  # noqa: E402
+from kvpolicy.eval.haystack import NEEDLES, build_probe  # noqa: E402
+from kvpolicy.lang.artifacts import check_artifact  # noqa: E402
 from tests.model.tiny import tiny_llama  # noqa: E402
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kvpolicy as kp
-from kvpolicy.budgets import DEFAULT_MODEL
 from kvpolicy.cli import main
-from kvpolicy.pipeline import compile_pipeline
+from kvpolicy.exec.pipeline import compile_pipeline
+from kvpolicy.lang.budgets import DEFAULT_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def prepared(tmp_path_factory):
     pytest.importorskip("transformers", reason="the model path needs transformers (installed by `make test`)")
     import os
 
-    from kvpolicy.models import prepare_default_model
+    from kvpolicy.hf.models import prepare_default_model
 
     old = os.environ.get("KVPOLICY_CACHE")
     os.environ["KVPOLICY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
@@ -32,7 +32,7 @@ def prepared(tmp_path_factory):
 
 @pytest.mark.slow
 def test_prepared_model_loads_and_answers(prepared):
-    from kvpolicy.models import load_model
+    from kvpolicy.hf.models import load_model
 
     assert (prepared / "model.safetensors").is_file() and (prepared / "tokenizer.json").is_file()
     lm, tok, shape = load_model(str(prepared))

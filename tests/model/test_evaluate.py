@@ -7,8 +7,8 @@ import pytest
 
 pytest.importorskip("transformers", reason="evaluation needs transformers (installed by `make test`)")
 
-from kvpolicy import evaluate as ev  # noqa: E402
-from kvpolicy.errors import PolicyError  # noqa: E402
+from kvpolicy.eval import evaluate as ev  # noqa: E402
+from kvpolicy.lang.errors import PolicyError  # noqa: E402
 from tests.model.tiny import tiny_llama  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def test_perplexity_of_the_full_cache_is_the_reference():
 
 
 def test_ruler_cases_hide_their_answers_in_the_context():
-    from kvpolicy.ruler import TASKS, make_cases
+    from kvpolicy.eval.ruler import TASKS, make_cases
 
     _, tok, _ = tiny_llama()
     for task in TASKS:
@@ -64,7 +64,7 @@ def test_ruler_cases_hide_their_answers_in_the_context():
 
 
 def test_ruler_runs_and_scores_shares():
-    from kvpolicy.ruler import ruler
+    from kvpolicy.eval.ruler import ruler
 
     lm, tok, shape = tiny_llama()
     r = ruler(lm, tok, shape, ev.entries(["full", "snapkv"], ["64"]), tasks=("multivalue",), length=400,
@@ -73,7 +73,7 @@ def test_ruler_runs_and_scores_shares():
 
 
 def test_longbench_metrics_by_hand():
-    from kvpolicy import longbench as lb
+    from kvpolicy.eval import longbench as lb
 
     assert lb.qa_f1("The Eiffel Tower", "eiffel tower") == 1.0
     assert lb.qa_f1("Paris France", "Paris") == pytest.approx(2 / 3)
@@ -86,7 +86,7 @@ def test_longbench_metrics_by_hand():
 def test_longbench_reads_a_folder_and_scores(tmp_path):
     import json
 
-    from kvpolicy.longbench import longbench, read_dir
+    from kvpolicy.eval.longbench import longbench, read_dir
 
     rows = [{"context": "Alice lives in Paris. " * 20, "input": "Where does Alice live?", "answers": ["Paris"]}]
     (tmp_path / "hotpotqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -101,7 +101,7 @@ def test_longbench_reads_a_folder_and_scores(tmp_path):
 
 
 def test_niah_heatmaps_are_pngs(tmp_path):
-    from kvpolicy.plots import niah_heatmaps
+    from kvpolicy.eval.plots import niah_heatmaps
 
     cases = [{"policy": p, "mode": "query-aware", "length": L, "depth": d, "correct": (L + int(10 * d)) % 2 == 0}
              for p in ("full", "ems@2%") for L in (2048, 4096) for d in (0.1, 0.5)]

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers", reason="the transformers path needs transformers (installed by `make test`)")
 
 import kvpolicy as kp  # noqa: E402
-from kvpolicy.hf import generate  # noqa: E402
+from kvpolicy.hf.generate import generate  # noqa: E402
 from tests.model.tiny import tiny_llama  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def test_decode_time_trigger_keeps_the_cache_near_its_budget():
 def test_other_families_and_mha(arch):
     import transformers
 
-    from kvpolicy.models import shape_of
+    from kvpolicy.hf.models import shape_of
 
     torch.manual_seed(0)
     common = dict(vocab_size=258, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -97,8 +97,8 @@ def test_other_families_and_mha(arch):
 
 
 def test_prefill_computes_accumulated_attention_in_the_attention_pass():
-    from kvpolicy.hf import prefill
-    from kvpolicy.reference.attention import accumulated_attention
+    from kvpolicy.exec.reference.attention import accumulated_attention
+    from kvpolicy.hf.generate import prefill
 
     lm, tok, shape = tiny_llama()
     batch = torch.zeros(2, 80, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Budget sweeps (kvpolicy.sweep) and the batched decoding they rely on."""
+"""Budget sweeps (kvpolicy.eval.sweep) and the batched decoding they rely on."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("transformers", reason="evaluation needs transformers (installed by `make test`)")
 
-from kvpolicy import evaluate as ev  # noqa: E402
-from kvpolicy import sweep as sw  # noqa: E402
-from kvpolicy.registry import load  # noqa: E402
+from kvpolicy.eval import evaluate as ev  # noqa: E402
+from kvpolicy.eval import sweep as sw  # noqa: E402
+from kvpolicy.lang.registry import load  # noqa: E402
 from tests.model.tiny import tiny_llama  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def test_sweep_on_a_tiny_model_scores_every_task_and_plots_them(tmp_path):
     text = sw.table(r)
     assert "smallest budget" in text and "streamingllm" in text
     assert sw.markdown(r).count("\n") == 2 + 1 + 1  # header, rule, full, two policies
-    from kvpolicy.plots import sweep_curves
+    from kvpolicy.eval.plots import sweep_curves
 
     paths = sweep_curves(r, tmp_path)
     assert sorted(p.name for p in paths) == sorted(f"sweep_{t.replace(' ', '_')}.png" for t in sw.TASKS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvpolicy.models import shape_of
+from kvpolicy.hf.models import shape_of
 
 
 class ByteTokenizer:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import kvpolicy as kp
-from kvpolicy.budgets import ModelShape
-from kvpolicy.pipeline import compile_pipeline
+from kvpolicy.exec.pipeline import compile_pipeline
+from kvpolicy.lang.budgets import ModelShape
 from tests.conftest import heads_artifact, layers_artifact
 from tests.dsl.test_roundtrip import SHIPPED
 
@@ -62,8 +62,8 @@ def test_invariants(name, budget, artifacts):
 
 def test_snapkv_keeps_exactly_the_top_scores():
     """Kept (non-protected) tokens are exactly the top-c of the pooled, GQA-averaged window score."""
-    from kvpolicy.reference.scores import ScoreContext, evaluate
-    from kvpolicy.reference.select import protected_mask
+    from kvpolicy.exec.reference.scores import ScoreContext, evaluate
+    from kvpolicy.exec.reference.select import protected_mask
 
     policy = kp.snapkv(budget=64)
     pipe, layers, k, v = run(policy, seed=5)

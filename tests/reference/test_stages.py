@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import kvpolicy as kp
-from kvpolicy import ir
-from kvpolicy.budgets import ModelShape
-from kvpolicy.pipeline import compile_pipeline
-from kvpolicy.reference import attention, merge, select
-from kvpolicy.reference.scores import LayerInputs, ScoreContext, evaluate, pool_tokens, to_kv_heads
+from kvpolicy.exec.pipeline import compile_pipeline
+from kvpolicy.exec.reference import attention, merge, select
+from kvpolicy.exec.reference.scores import LayerInputs, ScoreContext, evaluate, pool_tokens, to_kv_heads
+from kvpolicy.lang import ir
+from kvpolicy.lang.budgets import ModelShape
 
 
 def naive_attention(q, k, n_rep):

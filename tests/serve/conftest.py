@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvpolicy.models import prepare_default_model
+from kvpolicy.hf.models import prepare_default_model
 from kvpolicy.sglang_ext import server as srv
 
 # --sleep-on-idle: an idle scheduler otherwise spins, and two servers share 2 cores here

@@ -3,8 +3,8 @@ follow every case."""
 
 from __future__ import annotations
 
-from kvpolicy.evaluate import NeedleSpec, chat_ids
-from kvpolicy.haystack import haystack_text
+from kvpolicy.eval.evaluate import NeedleSpec, chat_ids
+from kvpolicy.eval.haystack import haystack_text
 from kvpolicy.sglang_ext.server import invariant_problems
 
 __all__ = ["LISBON", "HangUp", "assert_healthy", "assert_packed", "chat_ids", "hang_up_after", "hay",
@@ -20,8 +20,8 @@ def assert_packed(event: dict, policy, prompt_len: int) -> None:
     each layer keeps ``H_kv * min(B_l, N)`` rows (per-head budgets of a
     layer sum to that), and the prompt holds ``ceil(rows / (L * H_kv))``
     slots -- the packing overhead is under one slot."""
-    from kvpolicy.budgets import DEFAULT_MODEL as shape
-    from kvpolicy.pipeline import compile_pipeline
+    from kvpolicy.exec.pipeline import compile_pipeline
+    from kvpolicy.lang.budgets import DEFAULT_MODEL as shape
 
     budgets = compile_pipeline(policy, shape, prompt_len).plan.layer_budgets
     rows = [shape.num_kv_heads * min(b, prompt_len) for b in budgets]

@@ -93,7 +93,7 @@ def test_a_folder_alone_serves_exact_by_default_and_its_policies_by_name(tmp_pat
     args = SimpleNamespace(page_size=1, disable_overlap_schedule=False, device="cuda", disable_cuda_graph=False)
     try:
         launch.prepare(["--kv-policy-dir", str(tmp_path)], args)
-        from kvpolicy import wire
+        from kvpolicy.lang import wire
 
         assert wire.loads(launch.os.environ[launch.ENV_POLICY_IR]).name == "full"
         assert args.disable_cuda_graph is True  # mine.kvp pools its heads: the row layout, outside CUDA graphs

@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from kvpolicy.evaluate import niah_prompt
-from kvpolicy.registry import load
+from kvpolicy.eval.evaluate import niah_prompt
+from kvpolicy.lang.registry import load
 from kvpolicy.sglang_ext.server import held_slots, invariant_problems
 
 from .helpers import LISBON, assert_healthy, assert_packed, chat_ids, hay
@@ -131,8 +131,8 @@ def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, mod
     tokens before and after equal the transformers path's, compressed the
     same way at each point. C runs SnapKV (the rank-slot layout) or
     CompressKV (per-layer budgets, the row layout)."""
-    from kvpolicy import hf
-    from kvpolicy.models import load_model
+    from kvpolicy.hf import generate as hf
+    from kvpolicy.hf.models import load_model
 
     server = pressure_server
     server.flush_cache()

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from kvpolicy.budgets import DEFAULT_MODEL
-from kvpolicy.evaluate import niah_prompt
-from kvpolicy.pipeline import compile_pipeline
-from kvpolicy.registry import load
+from kvpolicy.eval.evaluate import niah_prompt
+from kvpolicy.exec.pipeline import compile_pipeline
+from kvpolicy.lang.budgets import DEFAULT_MODEL
+from kvpolicy.lang.registry import load
 from kvpolicy.sglang_ext import server as srv
 from kvpolicy.sglang_ext.server import held_slots
 
@@ -76,8 +76,8 @@ def test_served_equals_the_transformers_path(ems_server, tokenizer, model_dir, p
     policy: equal budgets (snapkv, the rank-slot layout), per-layer budgets
     (pyramidkv, compresskv) and per-head budgets (adakv), the last three in
     the row layout, each holding the slots its plan says."""
-    from kvpolicy import hf
-    from kvpolicy.models import load_model
+    from kvpolicy.hf import generate as hf
+    from kvpolicy.hf.models import load_model
 
     ids = chat_ids(tokenizer, hay(tokenizer, 400, offset=9000) + "\n\nWhat is this text about?")
     rid = f"parity-{policy}"

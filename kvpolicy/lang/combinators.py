@@ -1,11 +1,11 @@
-"""Policies as users hold them: the IR's data (:class:`kvpolicy.ir.Policy`)
+"""Policies as users hold them: the IR's data (:class:`kvpolicy.lang.ir.Policy`)
 with the combinators that change one part and re-check the whole, and
 printing as canonical ``.kvp`` text.
 
 This is the language layer's face of a policy (ARCHITECTURE.md): it coerces
 budget strings (with the language's own budget grammar), validates after every
-change and prints through the formatter, so that :mod:`kvpolicy.ir` itself
-stays data only. :func:`kvpolicy.load` and every :mod:`kvpolicy.compose`
+change and prints through the formatter, so that :mod:`kvpolicy.lang.ir` itself
+stays data only. :func:`kvpolicy.load` and every :mod:`kvpolicy.lang.compose`
 constructor return this class; ``==`` and ``hash`` compare the fields only,
 so a parsed IR policy equals the same policy built here.
 """
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from kvpolicy import ir
-from kvpolicy.errors import PolicyError
-from kvpolicy.validate import validate
+from kvpolicy.lang import ir
+from kvpolicy.lang.errors import PolicyError
+from kvpolicy.lang.validate import validate
 
 
 def as_budget(b: "ir.Budget | int | str") -> ir.Budget:

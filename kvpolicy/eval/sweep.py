@@ -9,7 +9,7 @@ the first budget of the grid whose score is at least ``THRESHOLD`` times the
 full cache's, or ``None`` when no budget of the grid reaches it.
 
 Each prompt is prefilled once for all the policies and budgets (as in
-:mod:`kvpolicy.evaluate`), so the cost is one prefill per prompt plus, per
+:mod:`kvpolicy.eval.evaluate`), so the cost is one prefill per prompt plus, per
 (policy, budget), its compression and a short greedy decode.
 """
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvpolicy import evaluate as ev
-from kvpolicy.budgets import ModelShape
-from kvpolicy.combinators import Policy
-from kvpolicy.compose import as_budget
+from kvpolicy.eval import evaluate as ev
+from kvpolicy.lang.budgets import ModelShape
+from kvpolicy.lang.combinators import Policy
+from kvpolicy.lang.compose import as_budget
 
 BUDGETS = ("2%", "5%", "10%", "20%", "35%", "50%")
 THRESHOLD = 0.9
@@ -45,7 +45,7 @@ class Point:
 
 def grid(policies: list[Policy], budgets: list[str]) -> tuple[list[ev.Entry], dict[str, Point]]:
     """The full cache once, then every compressing policy at every budget."""
-    from kvpolicy.registry import load
+    from kvpolicy.lang.registry import load
 
     batch = [ev.Entry("full", load("full"))]
     points: dict[str, Point] = {}
@@ -63,7 +63,7 @@ def sweep(lm, tokenizer, shape: ModelShape, policies: list[Policy], *, budgets=B
           depths=(0.1, 0.3, 0.5, 0.7, 0.9), needles=NEEDLES, ruler_samples: int = 2, ruler_length: int = 2048,
           ppl_windows: int = 3, ppl_context: int = 2048, ppl_target: int = 256, max_new_tokens: int = 16, haystack: str | None = None,
           progress: bool = True) -> dict:
-    from kvpolicy.ruler import ruler
+    from kvpolicy.eval.ruler import ruler
 
     batch, points = grid(policies, list(budgets))
     raw = {

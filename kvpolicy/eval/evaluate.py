@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from kvpolicy import ir
-from kvpolicy.budgets import ModelShape
-from kvpolicy.errors import InputError
-from kvpolicy.haystack import haystack_text
-from kvpolicy.hf import capture_needs, compress, decode, feed, prefill, stack_states
-from kvpolicy.registry import load
+from kvpolicy.eval.haystack import haystack_text
+from kvpolicy.hf.generate import capture_needs, compress, decode, feed, prefill, stack_states
+from kvpolicy.lang import ir
+from kvpolicy.lang.budgets import ModelShape
+from kvpolicy.lang.errors import InputError
+from kvpolicy.lang.registry import load
 
 DECODE_BATCH = 16  # policies decoded together per prompt (padded to the largest of them)
 
@@ -41,7 +41,7 @@ class Entry:
 
 def entries(names: list[str], budgets: list[str] | None) -> list[Entry]:
     """``--policy`` names or files x ``--budget`` values; ``full`` once."""
-    from kvpolicy.compose import as_budget
+    from kvpolicy.lang.compose import as_budget
 
     out: list[Entry] = []
     for name in names:

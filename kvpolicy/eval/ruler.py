@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import random
 
-from kvpolicy.errors import InputError
-from kvpolicy.evaluate import Case, _chat
-from kvpolicy.haystack import haystack_text
+from kvpolicy.eval.evaluate import Case, _chat
+from kvpolicy.eval.haystack import haystack_text
+from kvpolicy.lang.errors import InputError
 
 TASKS = ("multikey", "multivalue", "variable_tracking", "common_words")
 WORDS = ("apple banana cherry delta ember falcon garnet harbor island jasper kettle lantern meadow nickel "
@@ -95,7 +95,7 @@ def make_cases(tokenizer, task: str, length: int, samples: int, seed: int = 0) -
 
 def ruler(lm, tokenizer, shape, batch, *, tasks=TASKS, length: int = 2048, samples: int = 3,
           modes=("query-aware",), max_new_tokens: int = 32, progress: bool = True) -> dict:
-    from kvpolicy.evaluate import run_cases
+    from kvpolicy.eval.evaluate import run_cases
 
     cases = [c for t in tasks for c in make_cases(tokenizer, t, length, samples)]
     records = run_cases(lm, tokenizer, shape, batch, cases, modes=modes, max_new_tokens=max_new_tokens,

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpolicy import ir
-from kvpolicy.budgets import ModelShape, layer_budgets, pooled_head_floor
 from kvpolicy.dsl.formatter import expr as format_expr
 from kvpolicy.dsl.formatter import layers as format_layers
 from kvpolicy.dsl.formatter import selection as format_selection
-from kvpolicy.errors import PolicyError
+from kvpolicy.lang import ir
+from kvpolicy.lang.budgets import ModelShape, layer_budgets, pooled_head_floor
+from kvpolicy.lang.errors import PolicyError
 
 STAGES = ("capture", "score", "aggregate", "protect", "allocate", "classify", "merge", "compact")
 

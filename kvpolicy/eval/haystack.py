@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from kvpolicy.errors import InputError
+from kvpolicy.lang.errors import InputError
 
 
 @dataclass(frozen=True)

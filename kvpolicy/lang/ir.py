@@ -1,6 +1,6 @@
 """The policy IR: frozen dataclasses, the contract between front ends and back ends.
 
-The parser (``kvpolicy.dsl``) and the compose API (``kvpolicy.compose``) both
+The parser (``kvpolicy.dsl``) and the compose API (``kvpolicy.lang.compose``) both
 produce a :class:`Policy`; the formatter prints one; the compiler consumes one.
 Nothing here knows about Lark or about tensors.
 
@@ -303,7 +303,7 @@ class MergeSimilar:
     score, ``"uniform"`` equally (EMS, arXiv 2412.08521, evict-then-merge).
     With ``cover=q`` only the not-kept tokens needed to bring the head's kept
     score mass up to ``q`` of its total may merge (a sparse head evicts its
-    tail instead); see :mod:`kvpolicy.reference.merge`."""
+    tail instead); see :mod:`kvpolicy.exec.reference.merge`."""
 
     target: MergeTarget = "keys"
     metric: MergeMetric = "cosine"
@@ -415,9 +415,9 @@ def group_overrides(overrides) -> tuple[LayerOverride, ...]:
 
 @dataclass(frozen=True, eq=False)
 class Policy:
-    """A whole policy, as data. Users hold :class:`kvpolicy.combinators.Policy`
+    """A whole policy, as data. Users hold :class:`kvpolicy.lang.combinators.Policy`
     (this, plus the combinators and printing) from :func:`kvpolicy.load` and
-    :mod:`kvpolicy.compose`; the parser and the wire format give this class.
+    :mod:`kvpolicy.lang.compose`; the parser and the wire format give this class.
     Equality and hashing are by the fields, whichever of the two classes."""
 
     name: str

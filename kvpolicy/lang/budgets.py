@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpolicy import ir
-from kvpolicy.artifacts import ArtifactError, load_artifact, model_artifact_name
-from kvpolicy.errors import PolicyError
+from kvpolicy.lang import ir
+from kvpolicy.lang.artifacts import ArtifactError, load_artifact, model_artifact_name
+from kvpolicy.lang.errors import PolicyError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from kvpolicy.budgets import ModelShape
-from kvpolicy.errors import PolicyError
+from kvpolicy.lang.budgets import ModelShape
+from kvpolicy.lang.errors import PolicyError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvpolicy import ir
+from kvpolicy.lang import ir
 
 
 def protected_mask(num_tokens: int, protect: ir.Protect, device=None) -> Tensor:

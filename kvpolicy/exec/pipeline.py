@@ -18,12 +18,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kvpolicy import ir
-from kvpolicy.budgets import ModelShape, policy_artifact
-from kvpolicy.compiler import Plan, plan, referenced_terms
-from kvpolicy.errors import PolicyError
-from kvpolicy.reference import attention, merge, select
-from kvpolicy.reference.scores import LayerInputs, ScoreContext, evaluate_all
+from kvpolicy.compile.compiler import Plan, plan, referenced_terms
+from kvpolicy.exec.reference import attention, merge, select
+from kvpolicy.exec.reference.scores import LayerInputs, ScoreContext, evaluate_all
+from kvpolicy.lang import ir
+from kvpolicy.lang.budgets import ModelShape, policy_artifact
+from kvpolicy.lang.errors import PolicyError
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def niah_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
 
 
 def sweep_curves(result: dict, out_dir: str | Path, prefix: str = "sweep") -> list[Path]:
-    """One PNG per task of a budget sweep (:mod:`kvpolicy.sweep`): score against
+    """One PNG per task of a budget sweep (:mod:`kvpolicy.eval.sweep`): score against
     budget, one line per policy, the full cache and 90% of it dashed."""
     import matplotlib
 

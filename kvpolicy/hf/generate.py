@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from kvpolicy import ir
-from kvpolicy.budgets import ModelShape
-from kvpolicy.pipeline import Pipeline, compile_pipeline
-from kvpolicy.reference.attention import attention_with_column_sums
-from kvpolicy.reference.scores import LayerInputs
+from kvpolicy.exec.pipeline import Pipeline, compile_pipeline
+from kvpolicy.exec.reference.attention import attention_with_column_sums
+from kvpolicy.exec.reference.scores import LayerInputs
+from kvpolicy.lang import ir
+from kvpolicy.lang.budgets import ModelShape
 
 TAP_NAME = "kvpolicy_tap"
 _active: list[Callable] = []  # the innermost tap is called

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvpolicy.combinators import Policy
-from kvpolicy.errors import PolicyError
+from kvpolicy.lang.combinators import Policy
+from kvpolicy.lang.errors import PolicyError
 from kvpolicy.policies import shipped_names, shipped_path
 
 __all__ = ["load", "shipped_names", "shipped_path"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from kvpolicy import ir
+from kvpolicy.lang import ir
 
 _CLASSES = {cls.__name__: cls for cls in vars(ir).values()
             if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == ir.__name__}

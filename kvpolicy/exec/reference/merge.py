@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvpolicy import ir
+from kvpolicy.lang import ir
 
 WEIGHT_FLOOR = 1e-6
 

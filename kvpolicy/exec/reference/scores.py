@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvpolicy import ir
-from kvpolicy.reference.attention import window_attention
+from kvpolicy.exec.reference.attention import window_attention
+from kvpolicy.lang import ir
 
 EPS = 1e-12
 
@@ -30,7 +30,7 @@ class LayerInputs:
     keys, values: ``[H_kv, N, d]`` (keys after RoPE); queries: ``[H, W, d]``, the
     last ``W`` prompt queries (``W`` at least every ``local()`` window);
     accumulated: ``[H, N]`` attention summed over all prompt queries (needed by
-    ``global()``; see :func:`~kvpolicy.reference.attention.accumulated_attention`).
+    ``global()``; see :func:`~kvpolicy.exec.reference.attention.accumulated_attention`).
     """
 
     keys: Tensor

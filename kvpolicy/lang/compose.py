@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kvpolicy import ir
-from kvpolicy.combinators import Policy, as_budget
-from kvpolicy.validate import validate
+from kvpolicy.lang import ir
+from kvpolicy.lang.combinators import Policy, as_budget
+from kvpolicy.lang.validate import validate
 
 # --------------------------------------------------------------------------- budgets
 
@@ -34,12 +34,12 @@ from kvpolicy.validate import validate
 
 
 def global_(norm: str = "sum", heads: ir.Heads = ir.AllHeads(), gqa: str = "mean") -> ir.GlobalAttention:
-    """``global(norm=..., heads=..., gqa=...)`` — see :class:`kvpolicy.ir.GlobalAttention`."""
+    """``global(norm=..., heads=..., gqa=...)`` — see :class:`kvpolicy.lang.ir.GlobalAttention`."""
     return ir.GlobalAttention(norm, heads, gqa)
 
 
 def local(window: int, pool: ir.Pool | None = None, heads: ir.Heads = ir.AllHeads(), gqa: str = "mean") -> ir.LocalAttention:
-    """``local(window=..., pool=..., heads=..., gqa=...)`` — see :class:`kvpolicy.ir.LocalAttention`."""
+    """``local(window=..., pool=..., heads=..., gqa=...)`` — see :class:`kvpolicy.lang.ir.LocalAttention`."""
     return ir.LocalAttention(window, pool, heads, gqa)
 
 
@@ -144,7 +144,7 @@ def policy(name: str, budget, *, description: str = "", keep: dict | None = None
 
 def _shipped(name: str, budget) -> Policy:
     """The shipped policy ``name`` (already checked when read), at ``budget`` if given."""
-    from kvpolicy.registry import load
+    from kvpolicy.lang.registry import load
 
     p = load(name)
     return p if budget is None else p.with_budget(budget)

@@ -1,4 +1,4 @@
-"""Semantic checks on a :class:`~kvpolicy.ir.Policy`: it parses, but does it make sense?
+"""Semantic checks on a :class:`~kvpolicy.lang.ir.Policy`: it parses, but does it make sense?
 
 One validator serves both front ends. The parser passes a :class:`Locator` so
 that each error names the line (and column) it is about; a policy built in
@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvpolicy import ir
-from kvpolicy.errors import Loc, PolicyError
+from kvpolicy.lang import ir
+from kvpolicy.lang.errors import Loc, PolicyError
 
 
 @dataclass
@@ -190,7 +190,7 @@ class _Checker:
                 self.artifact(h.artifact, "retrieval_heads", f"{key}.heads")
 
     def artifact(self, name: str, kind: str, key: str) -> None:
-        from kvpolicy.artifacts import ArtifactError, load_artifact
+        from kvpolicy.lang.artifacts import ArtifactError, load_artifact
 
         try:
             load_artifact(name, kind, base_dir=self._base_dir(key))

@@ -1,6 +1,6 @@
 """CompressKV's two offline calibration steps (arXiv 2508.02401), on any local
 HF model, writing the artifacts that policies reference (schemas in
-:mod:`kvpolicy.artifacts`).
+:mod:`kvpolicy.lang.artifacts`).
 
 **Semantic retrieval heads** (§3.1). Needle-in-a-haystack probes over offline
 text; greedy decoding; at each step ``s`` that emits a token ``y_s`` occurring
@@ -32,14 +32,14 @@ from dataclasses import replace
 
 import torch
 
-from kvpolicy import ir
-from kvpolicy.artifacts import VERSION, check_artifact
-from kvpolicy.budgets import ModelShape
-from kvpolicy.haystack import NEEDLES, build_probe, haystack_text, rouge1_recall
-from kvpolicy.hf import base_attention, tap_attention
-from kvpolicy.pipeline import compile_pipeline
-from kvpolicy.reference.attention import window_attention
-from kvpolicy.reference.scores import LayerInputs
+from kvpolicy.eval.haystack import NEEDLES, build_probe, haystack_text, rouge1_recall
+from kvpolicy.exec.pipeline import compile_pipeline
+from kvpolicy.exec.reference.attention import window_attention
+from kvpolicy.exec.reference.scores import LayerInputs
+from kvpolicy.hf.generate import base_attention, tap_attention
+from kvpolicy.lang import ir
+from kvpolicy.lang.artifacts import VERSION, check_artifact
+from kvpolicy.lang.budgets import ModelShape
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):

@@ -18,7 +18,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from kvpolicy.evaluate import Case, Entry, _chat, run_cases
+from kvpolicy.eval.evaluate import Case, Entry, _chat, run_cases
 
 
 def _normalize(s: str) -> str:

@@ -1,0 +1,2 @@
+"""From a policy and a model shape to a plan: per-layer budgets, protected
+tokens, stage order, and ``explain``'s text (:mod:`.compiler`)."""
