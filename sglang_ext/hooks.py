@@ -132,9 +132,9 @@ def _after_forward_batch(result, cls, batch, model_runner, *args, **kwargs):
 def _around_attention(original, layer, q, k=None, v=None, forward_batch=None, *args, **kwargs):
     result = original(layer, q, k, v, forward_batch, *args, **kwargs)
     rt = _runtime
-    if rt is not None and (rt.rows is not None or rt.decode_rows is not None):
+    if rt is not None and (rt.capture.rows is not None or rt.decode_rows is not None):
         fb = forward_batch if forward_batch is not None else kwargs.get("forward_batch")
-        if rt.rows is not None:
+        if rt.capture.rows is not None:
             rt.on_attention(layer, q, fb)
         if rt.decode_rows is not None:
             result = rt.attend(layer, q, result, fb)

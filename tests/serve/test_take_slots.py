@@ -1,4 +1,4 @@
-"""Room for a compressed copy in a full pool (``runtime.take_slots``), on a
+"""Room for a compressed copy in a full pool (``pool.take_slots``), on a
 stand-in allocator and tree that count slots the way SGLang's do."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kvpolicy.sglang_ext.runtime import _NotCompressed, take_slots
+from kvpolicy.sglang_ext.pool import NotCompressed, take_slots
 
 
 @dataclass
@@ -87,6 +87,6 @@ def test_a_full_pool_makes_room_from_the_requests_own_prompt(prompt_in_tree, own
 
 def test_no_room_at_all_keeps_the_request_exact_and_locked():
     tree, allocator, req = setup(free=5, evictable=0, prompt_in_tree=30)
-    with pytest.raises(_NotCompressed, match="no room for 64 slots"):
+    with pytest.raises(NotCompressed, match="no room for 64 slots"):
         take_slots(tree, allocator, req, 64, torch.arange(10))
     assert req.lock == Lock(30) and tree.evictable == 0 and allocator.free_slots == 5
