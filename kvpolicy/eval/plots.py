@@ -55,7 +55,7 @@ def sweep_curves(result: dict, out_dir: str | Path, prefix: str = "sweep") -> li
     xs = [float(b.rstrip("%")) for b in budgets]
     written = []
     for task, scores in result["scores"].items():
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        fig, ax = plt.subplots(figsize=(7.6, 4.0))
         full = result["full"][task]
         ax.axhline(full, color="black", linestyle="--", linewidth=1, label="full cache")
         ax.axhline(result["threshold"] * full, color="grey", linestyle=":", linewidth=1,
@@ -70,7 +70,7 @@ def sweep_curves(result: dict, out_dir: str | Path, prefix: str = "sweep") -> li
         ax.set_ylabel("ppl(full) / ppl(policy)" if task == "ppl" else "share answered")
         ax.set_ylim(-0.03, 1.03 * max(1.0, full))
         ax.set_title(f"{task} ({result.get('model', 'model')})", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right", ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path = out_dir / f"{prefix}_{task.replace(' ', '_')}.png"
         fig.savefig(path, dpi=90)

@@ -72,3 +72,10 @@ def test_sweep_on_a_tiny_model_scores_every_task_and_plots_them(tmp_path):
     paths = sweep_curves(r, tmp_path)
     assert sorted(p.name for p in paths) == sorted(f"sweep_{t.replace(' ', '_')}.png" for t in sw.TASKS)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_a_sweep_refuses_budgets_in_tokens_before_loading_the_model(capsys):
+    from kvpolicy.cli import main
+
+    assert main(["eval", "sweep", "--policy", "snapkv", "--budgets", "10%", "256"]) == 1
+    assert "a sweep's budgets are shares of the prompt ('10%'), got '256'" in capsys.readouterr().err
