@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from kvpolicy.eval.evaluate import niah_prompt
+from kvpolicy.eval.evaluate import NeedleSpec, niah_prompt
 from kvpolicy.exec.pipeline import compile_pipeline
 from kvpolicy.lang.budgets import DEFAULT_MODEL
 from kvpolicy.lang.registry import load
@@ -18,7 +18,7 @@ from kvpolicy.sglang_ext import server as srv
 from kvpolicy.sglang_ext.server import held_slots
 
 from .conftest import EMS_10, SERVER_FLAGS
-from .helpers import LISBON, HangUp, assert_healthy, assert_packed, chat_ids, hang_up_after, hay, stream_completion
+from .helpers import HangUp, assert_healthy, assert_packed, chat_ids, hang_up_after, hay, stream_completion
 
 
 @pytest.mark.slow
@@ -28,7 +28,10 @@ def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
     budget-many slots, not prompt-length many. It decodes on purpose
     (``ignore_eos``) well past the snapshot, so the snapshot sees it running."""
     ems_server.flush_cache()  # nothing cached: the whole prompt is prefilled, in chunks
-    context, question = niah_prompt(tokenizer, LISBON, 2048, 0.3)
+    # a case EMS at 10% answers on the transformers path (bench/results/
+    # sweep_smollm2.json: 7-digit needle, 2048 tokens, depth 0.5), so the
+    # answer checks the server, not the policy's quality
+    context, question = niah_prompt(tokenizer, NeedleSpec(), 2048, 0.5)
     ids = context + question
     N = len(ids)
     B = compile_pipeline(load(ems_server.args[-1]), DEFAULT_MODEL, N).plan.layer_budgets[0]
@@ -39,7 +42,7 @@ def test_niah_served_from_a_compressed_pool(ems_server, tokenizer):
             seen["state"] = ems_server.kv_state()
 
     answer = stream_completion(ems_server, ids, 120, on_chunk=snapshot, ignore_eos=True)
-    assert "Lisbon" in answer, answer
+    assert NeedleSpec.answer in answer, answer
 
     state = seen["state"]
     (record,) = state["running"].values()
