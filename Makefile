@@ -45,4 +45,4 @@ test: $(STAMP)
 	exit $$rc
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-kvpress *.egg-info .pytest_cache .hypothesis
