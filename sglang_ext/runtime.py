@@ -86,18 +86,6 @@ class Runtime:
         self.split_attention = split_decode_attention
         self._refused: set[str] = set()  # rids whose own policy could not be read (logged once)
 
-    @property
-    def records(self) -> dict[str, Record]:
-        return self.ledger.records
-
-    @property
-    def totals(self):
-        return self.ledger.totals
-
-    @property
-    def captures(self) -> dict[str, Capture]:
-        return self.capture.captures
-
     # -- setup -----------------------------------------------------------------
 
     def attach(self, model_runner) -> None:
@@ -319,9 +307,9 @@ class Runtime:
 
     def shift_positions(self, batch, forward_batch) -> None:
         """Decode positions: SGLang's ``seq_len - 1`` plus ``N - B``."""
-        if not self.records or not forward_batch.forward_mode.is_decode():
+        if not self.ledger.records or not forward_batch.forward_mode.is_decode():
             return
-        shift = [rec.position_offset if (rec := self.records.get(req.rid)) else 0 for req in batch.reqs]
+        shift = [rec.position_offset if (rec := self.ledger.records.get(req.rid)) else 0 for req in batch.reqs]
         if any(shift):
             pos = forward_batch.positions
             forward_batch.positions = pos + torch.tensor(shift, dtype=pos.dtype, device=pos.device)

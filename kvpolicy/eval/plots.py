@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def niah_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
-    """One heatmap per policy and mode: accuracy over prompt length x needle depth."""
+def _pyplot(out_dir: str | Path):
+    """matplotlib's pyplot without a display, and the output folder (made)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,6 +14,12 @@ def niah_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    return plt, out_dir
+
+
+def niah_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
+    """One heatmap per policy and mode: accuracy over prompt length x needle depth."""
+    plt, out_dir = _pyplot(out_dir)
     cells: dict = {}
     for c in result["cases"]:
         key = (c["policy"], c["mode"])
@@ -44,13 +50,7 @@ def niah_heatmaps(result: dict, out_dir: str | Path) -> list[Path]:
 def sweep_curves(result: dict, out_dir: str | Path, prefix: str = "sweep") -> list[Path]:
     """One PNG per task of a budget sweep (:mod:`kvpolicy.eval.sweep`): score against
     budget, one line per policy, the full cache and 90% of it dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    plt, out_dir = _pyplot(out_dir)
     budgets = result["budgets"]
     xs = [float(b.rstrip("%")) for b in budgets]
     written = []

@@ -107,15 +107,13 @@ def task_scores(raw: dict) -> dict[str, dict[str, float]]:
 def smallest_budgets(scores: dict, points: dict[str, Point], budgets: list[str]) -> dict[str, dict[str, str | None]]:
     """Per task and policy, the first budget whose score reaches THRESHOLD x full."""
     out: dict[str, dict[str, str | None]] = {}
+    rank = {b: i for i, b in enumerate(budgets)}
     for task in TASKS:
         need = THRESHOLD * scores[task]["full"] - 1e-9  # 0.9 * 0.8 is 0.7200000000000001 in floats
-        row: dict[str, str | None] = {}
-        for point in points.values():
-            row.setdefault(point.policy, None)
-        for b in budgets:  # in grid order, smallest first
-            for label, point in points.items():
-                if point.budget == b and row[point.policy] is None and scores[task].get(label, 0.0) >= need > 0:
-                    row[point.policy] = b
+        row: dict[str, str | None] = dict.fromkeys((p.policy for p in points.values()), None)
+        for label, point in sorted(points.items(), key=lambda kv: rank[kv[1].budget]):  # smallest budget first
+            if row[point.policy] is None and scores[task].get(label, 0.0) >= need > 0:
+                row[point.policy] = point.budget
         out[task] = row
     return out
 

@@ -191,19 +191,19 @@ def stack_states(states: list[CompressedState]) -> CompressedState:
     keys, values, valids = [], [], []
     for layer in range(len(states[0].keys)):
         K = max(s.keys[layer].shape[2] for s in states)
-        keys.append(torch.cat([_pad(s.keys[layer].transpose(1, 2), K).transpose(1, 2) for s in states]))
-        values.append(torch.cat([_pad(s.values[layer].transpose(1, 2), K).transpose(1, 2) for s in states]))
-        valids.append(torch.cat([_pad(s.valid[layer].transpose(1, 2), K).transpose(1, 2) for s in states]))
+        for out, field_of in ((keys, "keys"), (values, "values"), (valids, "valid")):
+            out.append(torch.cat([_pad(getattr(s, field_of)[layer], K, dim=2) for s in states]))
     return CompressedState(keys, values, valids, torch.cat([s.positions for s in states]),
                            [row for s in states for row in s.kept], [p for s in states for p in s.pipelines],
                            [w for s in states for w in s.window_queries], any(s.tracks_window for s in states),
                            states[0].since_compress)
 
 
-def _pad(x: torch.Tensor, K: int) -> torch.Tensor:
-    if x.shape[1] == K:
+def _pad(x: torch.Tensor, K: int, dim: int = 1) -> torch.Tensor:
+    """``x`` zero-padded along ``dim`` to length ``K``."""
+    if x.shape[dim] == K:
         return x
-    pad = [0, 0] * (x.dim() - 2) + [0, K - x.shape[1]]
+    pad = [0, 0] * (x.dim() - dim - 1) + [0, K - x.shape[dim]]
     return torch.nn.functional.pad(x, pad)
 
 
