@@ -2,9 +2,20 @@
 of the requests in it -- the last ``W`` post-RoPE queries per layer and, for
 ``global()``, the accumulated attention (step 1 of ``runtime``'s docstring).
 
-Every prefill forward (each chunk of a chunked prefill) calls
-:meth:`CaptureBuffer.on_attention` once per layer, after the layer wrote its
-keys and values to the pool.
+Two ways in, per layer of a prefill forward (each chunk of a chunked prefill):
+
+* **One pass** (:meth:`CaptureBuffer.extend`, SGLang's ``torch_native``
+  backend): for the rows of requests whose policy scores with ``global()``
+  the layer's attention is computed here instead of by SGLang, with the same
+  kernel SDPA runs on the CPU, which also gives each query's log-sum-exp; the
+  accumulated attention then costs one more ``QK^T`` and no second softmax
+  (:func:`kvpolicy.exec.reference.attention.attention_with_column_sums`).
+  The output is bit-identical to SGLang's; the batch's other rows run through
+  SGLang's own per-row attention.
+* **After the layer** (:meth:`CaptureBuffer.on_attention`, every other
+  backend, or a layer the one pass does not take): the layer's keys are read
+  back from the pool and the chunk's share of the accumulated attention is
+  computed from its queries (Triton on CUDA, the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -13,8 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpolicy.exec.pipeline import Pipeline
-from kvpolicy.exec.reference.attention import accumulated_attention
+from kvpolicy.exec.pipeline import Pipeline, backend_for
 from kvpolicy.lang import ir
 from kvpolicy.sglang_ext.pool import request_slots
 
@@ -30,6 +40,7 @@ class Capture:
     queries: list = field(default_factory=list)  # per layer [H, <=W, d]
     accumulated: list = field(default_factory=list)  # per layer [H, N] fp32, or None
     first_query: int | None = None  # position of the first query this prefill computed
+    one_pass_layers: int = 0  # layer-chunks whose global() came from the one attention pass (CaptureBuffer.extend)
 
 
 def forward_key(forward_batch) -> tuple | None:
@@ -48,6 +59,7 @@ class CaptureBuffer:
         self.captures: dict[str, Capture] = {}
         self.rows: list[Capture | None] | None = None  # the current prefill forward's rows
         self.key: tuple | None = None  # the current prefill forward's key
+        self.one_pass_layers: set[int] = set()  # layers of the current forward captured by :meth:`extend`
 
     def __len__(self) -> int:
         return len(self.captures)
@@ -60,6 +72,7 @@ class CaptureBuffer:
 
     def end_forward(self) -> None:
         self.rows, self.key = None, None
+        self.one_pass_layers = set()
 
     def add(self, cap: Capture) -> None:
         self.captures[cap.rid] = cap
@@ -67,11 +80,81 @@ class CaptureBuffer:
     def set_rows(self, rows: list[Capture | None], forward_batch) -> None:
         """The rows of a prefill forward (``None`` where nothing is captured)."""
         self.rows, self.key = (rows, forward_key(forward_batch)) if any(c is not None for c in rows) else (None, None)
+        self.one_pass_layers = set()
+
+    def takes(self, backend, layer, forward_batch) -> bool:
+        """Whether :meth:`extend` computes this layer of this forward: a row
+        needs ``global()`` and the layer is one SGLang's ``torch_native``
+        backend runs as plain causal SDPA (no encoder, cross attention or
+        sliding window; equal key and value head sizes)."""
+        if self.rows is None or forward_key(forward_batch) != self.key:
+            return False
+        return (any(c is not None and c.pipeline.needs_accumulated for c in self.rows)
+                and not layer.is_cross_attention and getattr(layer.attn_type, "name", "DECODER") == "DECODER"
+                and (layer.sliding_window_size is None or layer.sliding_window_size < 0)
+                and forward_batch.encoder_lens is None and layer.qk_head_dim == layer.v_head_dim
+                and getattr(backend, "swa_out_cache_loc", None) is None)
+
+    def extend(self, backend, q: torch.Tensor, k, v, layer, forward_batch, save_kv_cache: bool) -> torch.Tensor:
+        """``TorchNativeAttnBackend.forward_extend`` for a forward :meth:`takes`:
+        the layer's KV written to the pool as SGLang writes it, then per row
+        either one pass with the capture (rows whose policy needs
+        ``global()``) or SGLang's own per-row attention (consecutive other
+        rows in one call)."""
+        from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+        kv_pool = backend.token_to_kv_pool
+        if save_kv_cache and k is not None and v is not None:
+            kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
+        lid, H, d = layer.layer_id, layer.tp_q_head_num, layer.qk_head_dim
+        q_ = q.view(-1, H, d)
+        o = torch.empty_like(q)
+        o_ = o.view(-1, H, d)
+        keys_all, values_all = kv_pool.get_key_buffer(lid), kv_pool.get_value_buffer(lid)
+        req_to_token = backend.req_to_token_pool.req_to_token
+        ext = forward_batch.extend_seq_lens_cpu
+        pre = forward_batch.extend_prefix_lens_cpu
+        n_rep = H // layer.tp_k_head_num
+        starts = [0]
+        for n in ext:
+            starts.append(starts[-1] + int(n))
+        theirs = []  # a run of rows SGLang computes
+
+        def flush():
+            if theirs:
+                a, b = theirs[0], theirs[-1] + 1
+                backend._run_sdpa_forward_extend(
+                    q_[starts[a]:starts[b]], o_[starts[a]:starts[b]], keys_all, values_all, req_to_token,
+                    forward_batch.req_pool_indices[a:b], forward_batch.seq_lens[a:b],
+                    forward_batch.extend_prefix_lens[a:b], forward_batch.extend_seq_lens[a:b], None,
+                    scaling=layer.scaling, enable_gqa=n_rep > 1, causal=True)
+                theirs.clear()
+
+        for i, cap in enumerate(self.rows):
+            if cap is None or not cap.pipeline.needs_accumulated:
+                theirs.append(i)
+                continue
+            flush()
+            n_pre, n_ext = int(pre[i]), int(ext[i])
+            slots = request_slots(backend.req_to_token_pool, forward_batch.req_pool_indices[i], 0, n_pre + n_ext)
+            keys, values = keys_all[slots].transpose(0, 1), values_all[slots].transpose(0, 1)
+            queries = q_[starts[i]:starts[i + 1]].transpose(0, 1)
+            out, share = backend_for(q.device).attention_with_column_sums(queries, keys, values, n_rep,
+                                                                          scale=layer.scaling)
+            o_[starts[i]:starts[i + 1]] = out.transpose(0, 1).to(o.dtype)
+            _capture(cap, lid, queries, n_pre, share)
+            cap.one_pass_layers += 1
+        flush()
+        for i, cap in enumerate(self.rows):  # window queries of the rows that need no global()
+            if cap is not None and not cap.pipeline.needs_accumulated:
+                _capture(cap, lid, q_[starts[i]:starts[i + 1]].transpose(0, 1), int(pre[i]), None)
+        self.one_pass_layers.add(lid)
+        return o
 
     def on_attention(self, layer, q: torch.Tensor, forward_batch, pools) -> None:
         """After layer ``layer.layer_id`` of a prefill forward wrote its KV;
         ``pools`` = (req_to_token_pool, token_to_kv_pool)."""
-        if self.rows is None or forward_key(forward_batch) != self.key:
+        if self.rows is None or forward_key(forward_batch) != self.key or layer.layer_id in self.one_pass_layers:
             return
         lid = layer.layer_id
         H, d = layer.tp_q_head_num, layer.qk_head_dim
@@ -82,12 +165,22 @@ class CaptureBuffer:
         for i, cap in enumerate(self.rows):
             n_ext, n_pre = int(ext[i]), int(pre[i])
             if cap is not None:
-                _capture(cap, lid, layer, q[start:start + n_ext].transpose(0, 1), n_pre,
-                         forward_batch.req_pool_indices[i], pools)
+                queries = q[start:start + n_ext].transpose(0, 1)
+                share = None
+                if cap.pipeline.needs_accumulated:
+                    req_to_token_pool, kv_pool = pools
+                    slots = request_slots(req_to_token_pool, forward_batch.req_pool_indices[i], 0, n_pre + n_ext)
+                    keys = kv_pool.get_key_buffer(lid)[slots].transpose(0, 1)
+                    share = backend_for(q.device).accumulated_attention(
+                        queries, keys, layer.tp_q_head_num // layer.tp_k_head_num)
+                _capture(cap, lid, queries, n_pre, share)
             start += n_ext
 
 
-def _capture(cap: Capture, lid: int, layer, q: torch.Tensor, n_pre: int, row, pools) -> None:
+def _capture(cap: Capture, lid: int, q: torch.Tensor, n_pre: int, share: torch.Tensor | None) -> None:
+    """Keep layer ``lid``'s last window queries (``q [H, T, d]``, the chunk's,
+    at positions ``n_pre ..``) and add the chunk's share ``[H, n_pre + T]`` of
+    the accumulated attention."""
     pipe = cap.pipeline
     while len(cap.queries) <= lid:
         cap.queries.append(None)
@@ -98,11 +191,7 @@ def _capture(cap: Capture, lid: int, layer, q: torch.Tensor, n_pre: int, row, po
         prev = cap.queries[lid]
         joined = q if prev is None else torch.cat([prev, q], dim=1)
         cap.queries[lid] = joined[:, -pipe.window:].detach().clone()
-    if pipe.needs_accumulated:
-        seen = n_pre + q.shape[1]
-        req_to_token_pool, kv_pool = pools
-        keys = kv_pool.get_key_buffer(lid)[request_slots(req_to_token_pool, row, 0, seen)].transpose(0, 1)
-        share = accumulated_attention(q, keys, layer.tp_q_head_num // layer.tp_k_head_num)
+    if share is not None:
         if cap.accumulated[lid] is None:
             cap.accumulated[lid] = torch.zeros(q.shape[0], cap.prompt_len, dtype=torch.float32, device=q.device)
-        cap.accumulated[lid][:, :seen] += share
+        cap.accumulated[lid][:, :share.shape[1]] += share

@@ -42,9 +42,14 @@ RUNTIME_TARGETS = {
     # one attention layer: after it ran (its KV is in the pool), capture queries /
     # column sums in a prefill; in a decode, recompute the rows of requests in the row layout
     "attention": f"{_SRT}.layers.radix_attention.RadixAttention.forward",
+    # SGLang's CPU attention for a prefill: rows that need global() get one pass
+    # giving the output and the accumulated attention (capture.CaptureBuffer.extend)
+    "extend_attention": f"{_SRT}.layers.attention.torch_native_backend.TorchNativeAttnBackend.forward_extend",
     # a prefill batch's results were processed (prompt checkpointed): compress
     "prefill_done": f"{_SRT}.managers.scheduler_components.batch_result_processor."
                     "SchedulerBatchResultProcessor.process_batch_result_prefill",
+    # the overlap scheduler: process a compressing prefill's result before its first decode step
+    "overlap": f"{_SRT}.managers.scheduler.Scheduler.is_disable_overlap_for_batch",
     # how much of a prompt the radix match may cover: keep the window's queries
     "prefix_limit": f"{_SRT}.managers.schedule_batch.Req._compute_max_prefix_len",
     # a request gave its KV back (finished, aborted, retracted): forget its state
@@ -141,9 +146,24 @@ def _around_attention(original, layer, q, k=None, v=None, forward_batch=None, *a
     return result
 
 
+def _around_extend_attention(original, backend, q, k, v, layer, forward_batch, save_kv_cache=True, *args,
+                             **kwargs):
+    rt = _runtime
+    if rt is None or args or kwargs or not rt.capture.takes(backend, layer, forward_batch):
+        return original(backend, q, k, v, layer, forward_batch, save_kv_cache, *args, **kwargs)
+    return rt.capture.extend(backend, q, k, v, layer, forward_batch, save_kv_cache)
+
+
 def _after_prefill_done(result, processor, batch, *args, **kwargs):
     runtime().compress_batch(processor, batch)
     return result
+
+
+def _after_overlap(result, scheduler, batch, *args, **kwargs):
+    rt = _runtime
+    if rt is None:
+        return result
+    return rt.sync_before(scheduler, batch) or result
 
 
 def _after_prefix_limit(result, req, input_len, *args, **kwargs):
@@ -191,9 +211,14 @@ def register() -> None:
     HookRegistry.register(LAUNCH_TARGETS["validate_request"], _before_validate_request, HookType.BEFORE)
     if not os.environ.get(handoff.ENV_POLICY_IR):
         return
-    HookRegistry.register(RUNTIME_TARGETS["forward_batch"], _after_forward_batch, HookType.AFTER)
-    HookRegistry.register(RUNTIME_TARGETS["attention"], _around_attention, HookType.AROUND)
-    HookRegistry.register(RUNTIME_TARGETS["prefill_done"], _after_prefill_done, HookType.AFTER)
-    HookRegistry.register(RUNTIME_TARGETS["prefix_limit"], _after_prefix_limit, HookType.AFTER)
-    HookRegistry.register(RUNTIME_TARGETS["release"], _around_release, HookType.AROUND)
-    HookRegistry.register(RUNTIME_TARGETS["internal_state"], _after_internal_state, HookType.AFTER)
+    runtime_hooks = [("forward_batch", _after_forward_batch, HookType.AFTER),
+                     ("attention", _around_attention, HookType.AROUND),
+                     ("extend_attention", _around_extend_attention, HookType.AROUND),
+                     ("prefill_done", _after_prefill_done, HookType.AFTER),
+                     ("overlap", _after_overlap, HookType.AFTER),
+                     ("prefix_limit", _after_prefix_limit, HookType.AFTER),
+                     ("release", _around_release, HookType.AROUND),
+                     ("internal_state", _after_internal_state, HookType.AFTER)]
+    assert {name for name, _, _ in runtime_hooks} == set(RUNTIME_TARGETS)  # all or none
+    for name, fn, kind in runtime_hooks:
+        HookRegistry.register(RUNTIME_TARGETS[name], fn, kind)

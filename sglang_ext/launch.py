@@ -201,11 +201,6 @@ def check_server_args(args, *policies: ir.Policy) -> list[str]:
     if problems:
         raise LaunchError("--kv-policy cannot be combined with: " + "; ".join(problems))
     changed = []
-    if not getattr(args, "disable_overlap_schedule", False):
-        # The overlap scheduler launches a request's first decode step before
-        # its prefill result is processed, i.e. before compression can run.
-        args.disable_overlap_schedule = True
-        changed.append("overlap scheduling disabled (compression runs between prefill and the first decode step)")
     variable = [(p, why) for p in policies if (why := variable_budgets(p))]
     if variable and cuda_graphs_on(args):
         policy, why = variable[0]

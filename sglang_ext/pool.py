@@ -47,10 +47,18 @@ class Installed:
 
 
 def install(tree, batch, i: int, req, old: torch.Tensor, kept: list, counts: torch.Tensor,
-            pool_slots: int) -> Installed:
+            pool_slots: int, running: tuple | None = None, decode: bool = False) -> Installed:
     """Write a request's compressed layers (``kept[l] = (keys, values)``
     ``[H_kv, K, d]``, head ``h``'s first ``counts[l, h]`` valid) into fresh
-    slots and point the request at them; ``old`` are its ``N`` exact slots.
+    slots and point the request at them; ``old`` are its ``N`` exact slots;
+    row ``i`` of the prefill ``batch`` is the request's.
+
+    With the overlap scheduler the request is already in the running batch
+    (``running = (batch, j)``) when its prefill result is processed, and may
+    have its first decode step prepared there (``decode``: a slot at
+    position ``N``): that slot moves to position ``B`` and the running row's
+    length to ``B + 1`` (``B`` when no step was prepared), so the step writes
+    and reads the compressed request.
 
     Until the slots are written nothing about the request has changed, so a
     failure before (:class:`NotCompressed`) leaves it exact."""
@@ -78,18 +86,32 @@ def install(tree, batch, i: int, req, old: torch.Tensor, kept: list, counts: tor
         row_layout.write([kv.get_key_buffer(i) for i in layers], [kv.get_value_buffer(i) for i in layers],
                          layout, kept)
     req_to_token = tree.req_to_token_pool.req_to_token
-    req_to_token[req.kv.req_pool_idx, :B] = new.to(req_to_token.dtype)
+    row = req.kv.req_pool_idx
+    N = old.numel()
+    if decode:
+        req_to_token[row, B] = req_to_token[row, N].clone()
+    req_to_token[row, :B] = new.to(req_to_token.dtype)
     if not released:
         release_hold(tree, allocator, req, owned)
     req.kv.cache_protected_len = 0
-    req.kv.kv_committed_len = req.kv.kv_allocated_len = B
+    req.kv.kv_committed_len = req.kv.kv_allocated_len = B + decode
     skip = req.skip_radix_cache_insert
     req.skip_radix_cache_insert = True
-    batch.seq_lens[i] = B
-    if batch.seq_lens_cpu is not None:
-        batch.seq_lens_cpu[i] = B
-    batch.seq_lens_sum = None
+    _set_length(batch, i, B)
+    if running is not None:
+        _set_length(*running, B + decode)
     return Installed(new, layout, uniform, int(owned.numel()), int(protected), released, skip)
+
+
+def _set_length(batch, i: int, n: int) -> None:
+    """Row ``i`` of a ScheduleBatch now holds ``n`` tokens (the overlap
+    scheduler's copy of a prefill batch carries no lengths). ``orig_seq_lens``
+    (read by CUDA-graph runners only) is left as SGLang set it, in both modes."""
+    for name in ("seq_lens", "seq_lens_cpu"):
+        lens = getattr(batch, name, None)
+        if lens is not None:
+            lens[i] = n
+    batch.seq_lens_sum = None
 
 
 def release_hold(tree, allocator, req, owned: torch.Tensor) -> None:

@@ -3,13 +3,13 @@ in SGLang's pool right after it, and keep decode positions logical.
 
 Life of a compressed request (ARCHITECTURE.md § Where compressed KV lives in SGLang):
 
-1. **Capture.** Every prefill forward (each chunk of a chunked prefill) runs
-   through :func:`on_attention` once per layer, after the layer wrote its
-   keys and values to the pool: it keeps the last ``W`` post-RoPE queries of
-   each request that will be compressed and, when the policy scores with
-   ``global()``, adds the chunk's share of the accumulated attention
-   (:func:`kvpolicy.exec.reference.attention.accumulated_attention` with the
-   chunk's queries over all keys so far).
+1. **Capture.** Every prefill forward (each chunk of a chunked prefill)
+   keeps, per layer, the last ``W`` post-RoPE queries of each request that
+   will be compressed and, when the policy scores with ``global()``, adds
+   the chunk's share of the accumulated attention: on the CPU from the same
+   attention pass that gives the layer's output, elsewhere after the layer
+   from the pool's keys (:mod:`.capture`; ARCHITECTURE.md § Capture in one
+   attention pass).
 2. **Compress.** When the request's prefill result has been processed (its
    prompt is then checkpointed into the radix tree as exact KV),
    :func:`compress_batch` reads each layer's ``N`` keys and values back from
@@ -82,6 +82,7 @@ class Runtime:
         # requests whose layers or heads keep different numbers of tokens
         self.layouts: dict[str, tuple[row_layout.RowLayout, list[row_layout.LayerReader]]] = {}
         self.decode_rows: list[tuple] | None = None  # the current decode forward's row-layout requests
+        self.scheduler = None  # set by the overlap scheduler's hook (sync_before); None without overlap
         self.pool_slots = self.pool_heads = None  # set by attach, with the attention that reads the row layout
         self.split_attention = split_decode_attention
         self._refused: set[str] = set()  # rids whose own policy could not be read (logged once)
@@ -180,7 +181,7 @@ class Runtime:
             if req.finished() or req.is_retracted:
                 self.release(req, None)
                 continue
-            if req.inflight_middle_chunks > 0 or req.kv.kv_committed_len < cap.prompt_len:
+            if not _prompt_done(batch, i, req, cap.prompt_len):
                 continue  # a middle chunk: more prompt to come
             self.capture.pop(req.rid)
             try:
@@ -198,6 +199,30 @@ class Runtime:
             else:
                 if self.ledger.check:
                     self.verify(processor.tree_cache)
+
+    def sync_before(self, scheduler, batch) -> bool:
+        """Whether the overlap scheduler must process the last batch's result
+        before it launches ``batch``: ``batch`` decodes a request that is still
+        being captured, i.e. whose prefill result (and compression) is still
+        pending. Its compression then runs (in :meth:`compress_batch`) before
+        its first decode step, which the scheduler has already prepared at
+        position ``N``: :meth:`_compress` moves that step to ``B``. One step
+        of lost overlap per compressing prefill (ARCHITECTURE.md § The
+        overlap scheduler)."""
+        self.scheduler = scheduler
+        if batch is None or not len(self.capture) or not batch.forward_mode.is_decode():
+            return False
+        return any(self.capture.get(req.rid) is not None for req in batch.reqs)
+
+    def _running_row(self, req) -> tuple | None:
+        """(the scheduler's running batch, the request's row in it) when the
+        overlap scheduler merged the request into it before its prefill
+        result was processed; ``None`` without overlap (the merge follows)."""
+        batch = getattr(self.scheduler, "running_batch", None)
+        for j, other in enumerate(getattr(batch, "reqs", None) or ()):
+            if other is req:
+                return batch, j
+        return None
 
     def _count_exact(self, req) -> None:
         """A request whose whole prompt was just prefilled without a capture:
@@ -219,9 +244,14 @@ class Runtime:
         tree = processor.tree_cache
         kv = tree.token_to_kv_pool_allocator.get_kvcache()
         N = cap.prompt_len
-        if req.kv.kv_committed_len != N or req.kv.kv_allocated_len != N:
+        running = self._running_row(req)
+        # the overlap scheduler may have prepared its first decode step (a slot at position N)
+        decode = running is not None and req.kv.kv_allocated_len == N + 1
+        held = N + decode
+        if req.kv.kv_committed_len != held or req.kv.kv_allocated_len != held:
             raise NotCompressed(f"it holds {req.kv.kv_committed_len} committed / "
-                                f"{req.kv.kv_allocated_len} allocated slots, expected the prompt's {N}")
+                                f"{req.kv.kv_allocated_len} allocated slots, expected the prompt's {N}"
+                                + (" and its first decode slot" if decode else ""))
         if len(cap.queries) < self.shape.num_layers:
             raise NotCompressed(f"only {len(cap.queries)} of {self.shape.num_layers} layers were captured")
         W = cap.pipeline.window
@@ -243,7 +273,7 @@ class Runtime:
         # Every layer and head keeping B tokens is the rank-slot layout, read by
         # SGLang's own attention; anything else packs into ceil(rows / (L * H_kv))
         # slots and is read through row lists (row_layout).
-        done = pool.install(tree, batch, i, req, old, kept, counts, self.pool_slots)
+        done = pool.install(tree, batch, i, req, old, kept, counts, self.pool_slots, running, decode)
         B = done.slots.numel()
         if not done.rank_slot:
             self.layouts[req.rid] = (done.layout, row_layout.readers(done.layout, self.pool_slots, done.slots.device))
@@ -255,7 +285,8 @@ class Runtime:
         if (m := metrics()) is not None:
             m.on_compressed(rec)
         self.ledger.event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, rows_per_layer=rec.rows_per_layer,
-                          layout=rec.layout, output_tokens=len(req.output_ids),
+                          layout=rec.layout, output_tokens=len(req.output_ids), first_step_prepared=decode,
+                          one_pass_layers=cap.one_pass_layers,
                           room_from_own_prompt=done.released_own_prompt, seconds=round(rec.seconds, 4))
         log.info("kvpolicy: rid=%s policy=%s prompt=%d kept=%d slots (%.1f%%) layout=%s rows/layer=%s freed=%d "
                  "released_to_tree=%d queries=%d/%d in %.2fs", req.rid, cap.policy.name, N, B, 100.0 * B / N,
@@ -352,6 +383,16 @@ class Runtime:
 
     def state(self, allocator, tree) -> dict:
         return self.ledger.state(self.policy.name, allocator, tree, *self._invariant_args())
+
+
+def _prompt_done(batch, i: int, req, prompt_len: int) -> bool:
+    """Whether row ``i`` of this prefill batch ends the request's prompt. Read
+    from the batch itself: with the overlap scheduler a middle chunk's result
+    is processed after the next chunk was scheduled, when the request's own
+    counters already cover the whole prompt."""
+    if batch.prefix_lens is not None and batch.extend_lens is not None:
+        return int(batch.prefix_lens[i]) + int(batch.extend_lens[i]) >= prompt_len
+    return req.inflight_middle_chunks <= 0 and req.kv.kv_committed_len >= prompt_len
 
 
 def _split_attention_for(device: torch.device):

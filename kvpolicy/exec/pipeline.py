@@ -32,13 +32,15 @@ class Backend:
 
     name: str
     accumulated_attention: Callable[..., Tensor]
+    attention_with_column_sums: Callable[..., tuple[Tensor | None, Tensor]]
     window_attention: Callable[..., Tensor]
     pick: Callable[..., select.Picks]
     classify: Callable[..., merge.Classes]
     scatter: Callable[..., tuple[Tensor, Tensor]]
 
 
-REFERENCE = Backend("reference", attention.accumulated_attention, attention.window_attention,
+REFERENCE = Backend("reference", attention.accumulated_attention, attention.attention_with_column_sums,
+                    attention.window_attention,
                     select.pick, merge.classify, merge.scatter)
 
 
@@ -48,7 +50,8 @@ def triton_backend() -> Backend:
     from kvpolicy.kernels import merge as k_merge
     from kvpolicy.kernels import select as k_select
 
-    return Backend("triton", k_attention.accumulated_attention, k_attention.window_attention,
+    return Backend("triton", k_attention.accumulated_attention, k_attention.attention_with_column_sums,
+                   k_attention.window_attention,
                    k_select.pick, k_merge.classify, k_merge.scatter)
 
 

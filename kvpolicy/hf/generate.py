@@ -15,8 +15,7 @@ from typing import Callable
 
 import torch
 
-from kvpolicy.exec.pipeline import Pipeline, compile_pipeline
-from kvpolicy.exec.reference.attention import attention_with_column_sums
+from kvpolicy.exec.pipeline import Pipeline, backend_for, compile_pipeline
 from kvpolicy.exec.reference.scores import LayerInputs
 from kvpolicy.lang import ir
 from kvpolicy.lang.budgets import ModelShape
@@ -115,6 +114,7 @@ def prefill(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = N
             return base_attention(module, query, key, value, attn_mask, scaling, **kw)
         # one pass gives the layer's output and the accumulated attention
         out = torch.zeros(B, T, query.shape[1], value.shape[-1], dtype=query.dtype, device=query.device)
+        attention_with_column_sums = backend_for(query.device).attention_with_column_sums
         for b, n in enumerate(lengths):
             o, acc[b][layer] = attention_with_column_sums(query[b, :, T - n:], key[b, :, T - n:],
                                                           value[b, :, T - n:], n_rep, scale=scaling)

@@ -193,6 +193,34 @@ def test_pipeline_keeps_input_unchanged_when_budget_covers_prompt():
     assert torch.equal(out.keys, k) and out.counts.tolist() == [100]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, H_kv, N, T", [(6, 2, 300, 300), (6, 2, 300, 77), (4, 4, 129, 1), (9, 3, 700, 700)])
+def test_the_one_pass_is_sdpa_and_its_column_sums(dtype, H, H_kv, N, T):
+    """On the CPU the prefill's one pass gives SDPA's own output, bit for bit
+    (what the model and SGLang's torch_native backend compute), for a whole
+    prompt and for a chunk that sees earlier keys; its accumulated attention
+    equals the softmax rows summed explicitly."""
+    torch.manual_seed(N + T)
+    q, k, v = torch.randn(H, T, 16, dtype=dtype), torch.randn(H_kv, N, 16, dtype=dtype), torch.randn(H_kv, N, 16,
+                                                                                                      dtype=dtype)
+    out, acc = attention.attention_with_column_sums(q, k, v, H // H_kv, block=64, scale=0.3)
+    if T == N:
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                                                enable_gqa=H != H_kv, scale=0.3)[0]
+    else:  # SGLang's chunk: the chunk's queries at the end of an N-row block
+        padded = torch.zeros(H, N, 16, dtype=dtype)
+        padded[:, N - T:] = q
+        sdpa = torch.nn.functional.scaled_dot_product_attention(padded[None], k[None], v[None], is_causal=True,
+                                                                enable_gqa=H != H_kv, scale=0.3)[0, :, N - T:]
+    assert out.dtype == torch.float32 and torch.equal(out.to(dtype), sdpa)
+    logits = torch.einsum("htd,hnd->htn", q.float(), k.float().repeat_interleave(H // H_kv, 0)) * 0.3
+    future = torch.arange(N)[None, :] > torch.arange(N - T, N)[:, None]
+    explicit = logits.masked_fill(future, float("-inf")).softmax(-1).sum(1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(acc, explicit, **tol)
+    assert torch.allclose(acc.sum(), torch.tensor(float(H * T)), rtol=1e-3)  # each row sums to one
+
+
 def test_accumulated_attention_sums_over_chunks():
     """A chunked prefill adds each chunk's share: the chunks' sums equal the
     whole prompt's accumulated attention."""

@@ -17,7 +17,7 @@ from kvpolicy.lang.registry import load
 from kvpolicy.sglang_ext import server as srv
 from kvpolicy.sglang_ext.server import held_slots
 
-from .conftest import EMS_10, SERVER_FLAGS
+from .conftest import EMS_10, SERVER_FLAGS, ems10_server
 from .helpers import HangUp, assert_healthy, assert_packed, chat_ids, hang_up_after, hay, stream_completion
 
 
@@ -73,17 +73,22 @@ def test_full_policy_is_token_identical_to_a_server_without_policy(plain_server,
     assert_healthy(ems_server, tokenizer)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv", "compresskv"])
+@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv", "compresskv", "h2o", "ems"])
 def test_served_equals_the_transformers_path(ems_server, tokenizer, model_dir, policy):
     """Greedy tokens from the server equal ``hf.generate`` under the same
     policy: equal budgets (snapkv, the rank-slot layout), per-layer budgets
     (pyramidkv, compresskv) and per-head budgets (adakv), the last three in
-    the row layout, each holding the slots its plan says."""
+    the row layout, each holding the slots its plan says; ``global()``
+    scores (h2o, ems) captured in one attention pass on both sides."""
     from kvpolicy.hf import generate as hf
     from kvpolicy.hf.models import load_model
 
     ids = chat_ids(tokenizer, hay(tokenizer, 400, offset=9000) + "\n\nWhat is this text about?")
     rid = f"parity-{policy}"
+    if policy in ("h2o", "ems"):
+        # global() sums the queries this prefill computes: on a radix hit of
+        # the earlier cases' prompt that is only the new ones (runtime docstring)
+        ems_server.flush_cache()
     served = ems_server.generate(ids, 24, rid=rid, custom_params={"kv_policy": policy, "kv_budget": "96"})
     lm, tok, shape = load_model(str(model_dir))
     chosen = load(policy).with_budget("96")
@@ -94,6 +99,37 @@ def test_served_equals_the_transformers_path(ems_server, tokenizer, model_dir, p
     (event,) = [e for e in ems_server.events(rid) if e["event"] == "compressed"]
     assert_packed(event, chosen, len(ids))
     assert event["rows_per_layer"] == state.kept[0]  # what the transformers path kept, layer by layer
+    assert_healthy(ems_server, tokenizer)
+
+
+@pytest.mark.slow
+def test_the_overlap_scheduler_serves_what_a_server_without_it_serves(ems_server, tokenizer, model_dir, tmp_path):
+    """With ``--kv-policy`` SGLang's overlap scheduler stays on: a request's
+    first decode step is prepared before its prefill result is processed, so
+    compression runs in a sync before that step and moves it from position
+    ``N`` to ``B``. Greedy outputs equal those of the same server with
+    ``--disable-overlap-schedule``, for a ``global()`` policy captured in one
+    attention pass (ems, prompt in two chunks), the rank-slot layout (snapkv)
+    and the row layout (adakv)."""
+    cases = [("ems", 1500, None), ("snapkv", 700, {"kv_policy": "snapkv", "kv_budget": "96"}),
+             ("adakv", 700, {"kv_policy": "adakv", "kv_budget": "15%"})]
+    prompts = {name: chat_ids(tokenizer, hay(tokenizer, n, offset=20000 + 3000 * k) + "\n\nWhat is this about?")
+               for k, (name, n, _) in enumerate(cases)}
+    plain = ems10_server(model_dir, tmp_path, SERVER_FLAGS + ["--chunked-prefill-size", "1024",
+                                                              "--disable-overlap-schedule"], {})
+    try:
+        expected = {name: plain.generate(prompts[name], 24, **({"custom_params": c} if c else {}))["text"]
+                    for name, _, c in cases}
+    finally:
+        plain.stop()
+    for name, _, custom in cases:
+        rid = f"overlap-{name}"
+        served = ems_server.generate(prompts[name], 24, rid=rid, **({"custom_params": custom} if custom else {}))
+        assert served["text"] == expected[name], (name, served["text"], expected[name])
+        (event,) = [e for e in ems_server.events(rid) if e["event"] == "compressed"]
+        assert event["first_step_prepared"], event  # the overlap path ran, not a late merge
+        if name == "ems":
+            assert event["one_pass_layers"] == 2 * DEFAULT_MODEL.num_layers, event  # both chunks, every layer
     assert_healthy(ems_server, tokenizer)
 
 
@@ -219,7 +255,7 @@ def test_launch_refuses_flags_it_cannot_serve_and_adjusts_the_rest(capsys, monke
     assert "--page-size 16" in capsys.readouterr().err
     args = SimpleNamespace(page_size=1, disable_overlap_schedule=False)
     launch.prepare(["--kv-policy", "snapkv"], args)
-    assert args.disable_overlap_schedule is True
+    assert args.disable_overlap_schedule is False  # compression syncs only the step after its prefill
 
 
 def test_a_request_naming_an_unknown_policy_gets_a_400(ems_server, tokenizer):
