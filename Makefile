@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SGLANG := sglang==0.5.23
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check gpu-deps
 
 install: $(STAMP)
 
@@ -44,5 +44,15 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
+# On the device machine (torch, transformers and Triton preinstalled, no
+# network): everything the GPU can show, JSON in bench/results/. Run from a
+# plain checkout; carry .gpu-deps (lark, for the policy parser), which
+# `make gpu-deps` fills here. bench/gpu_check.py says what it measures.
+gpu-check:
+	PYTHONPATH=$(CURDIR)/.gpu-deps$${PYTHONPATH:+:$$PYTHONPATH} python3 bench/gpu_check.py
+
+gpu-deps: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --target .gpu-deps lark
+
 clean:
-	rm -rf $(VENV) .venv-kvpress *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-kvpress .gpu-deps *.egg-info .pytest_cache .hypothesis

@@ -4,6 +4,7 @@ a policy, and how fast they decode: one run, the same requests, side by side.
     python bench/serve.py                       # ems at 10%, 8 x 4k-token requests, 16384-slot pool
     python bench/serve.py --policy snapkv --budget 5% --requests 12
     python bench/serve.py --policy ems compresskv adakv   # several policies, each beside no policy
+    python bench/serve.py --requests 24 --budget 2% 10%   # capacity: more requests than fit without a policy
 
 For each configuration (no ``--kv-policy``, then each policy) it starts a real
 SGLang server with ``--max-total-tokens`` slots, sends every request at once
@@ -23,7 +24,8 @@ over the OpenAI streaming API, and measures
   ``ceil(rows / (layers * KV heads))`` slots);
 * time to first token (median) and total throughput, (prompt + generated
   tokens) / wall;
-* wall time for the whole batch.
+* wall time for the whole batch;
+* compression time per request (the server's own, from ``/server_info``).
 
 It prints one table and writes ``bench/results/serve_<model>_<pool>.json``.
 On this project's 2-core CPU a 4k-token prefill takes ~25 s, so the default
@@ -82,6 +84,13 @@ def slots_per_request(totals: dict | None) -> float | None:
     return totals["slots_kept"] / totals["requests_compressed"]
 
 
+def compression_per_request(totals: dict | None) -> float | None:
+    """The server's own compression time per compressed request (``None``: no policy)."""
+    if not totals or not totals.get("requests_compressed") or "compression_seconds" not in totals:
+        return None
+    return totals["compression_seconds"] / totals["requests_compressed"]
+
+
 def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
     from kvpolicy.sglang_ext import server as srv
 
@@ -130,6 +139,7 @@ def run_config(model, label, policy, args, tokenizer_prompts, log_dir) -> dict:
                                                                 if r["tokens"]]),
         "total_tokens_per_s": (sum(map(len, tokenizer_prompts)) + decoded + len(spans)) / wall,
         "slots_per_request": slots_per_request(state.get("totals")),
+        "compression_s_per_request": compression_per_request(state.get("totals")),
         "wall_s": wall,
         "kvpolicy_totals": state.get("totals"),
     }
@@ -139,7 +149,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policy", nargs="+", default=["ems"],
                     help="shipped policy names or .kvp files, each run beside no policy (default: ems)")
-    ap.add_argument("--budget", default="10%", help="budget for the policy (default: 10%%)")
+    ap.add_argument("--budget", nargs="+", default=["10%"], help="budgets, each policy at each (default: 10%%)")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -158,14 +168,14 @@ def main(argv=None) -> int:
     batch = prompts(tok, args.requests, args.prompt_len)
     log_dir = RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    policies = [load(name).with_budget(args.budget) for name in args.policy]
+    policies = [(load(name).with_budget(budget), budget) for name in args.policy for budget in args.budget]
 
     base = run_config(model, "no policy", None, args, batch, log_dir)
     rows, ratios = [base], {}
-    for policy in policies:
-        policy_file = log_dir / f"{policy.name}_serve.kvp"
+    for policy, budget in policies:
+        policy_file = log_dir / f"{policy.name}_{budget.rstrip('%')}_serve.kvp"
         policy_file.write_text(policy.to_kvp())
-        comp = run_config(model, f"{policy.name} {args.budget}", str(policy_file), args, batch, log_dir)
+        comp = run_config(model, f"{policy.name} {budget}", str(policy_file), args, batch, log_dir)
         rows.append(comp)
         ratios[comp["label"]] = {key: _ratio(comp[key], base[key]) for key in RATIO_KEYS}
     print(f"\n{args.requests} requests x {args.prompt_len} tokens, {args.max_tokens} new each, "
@@ -180,12 +190,14 @@ def main(argv=None) -> int:
     for label, ratio in ratios.items():
         print(f"{'ratio ' + label:24s}{ratio['peak_decoding_together']:>18.2f}{'':>18s}"
               + "".join(f"{ratio[k]:>18.2f}" for k in RATIO_KEYS[1:]))
-    names = "_".join(p.name for p in policies)
+    names = "_".join(dict.fromkeys(p.name for p, _ in policies))
+    if len(args.budget) > 1 or args.budget != ["10%"]:
+        names += "_" + "_".join(b.rstrip("%") for b in args.budget)
     out = args.out or RESULTS / f"serve_{model_name(model) or 'model'}_{args.max_total_tokens}_{names}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     shown = str(out.relative_to(ROOT.parent)) if out.is_relative_to(ROOT.parent) else out.name
     out.write_text(json.dumps({"args": vars(args) | {"out": shown},
-                               "policy_texts": {p.name: p.to_kvp() for p in policies},
+                               "policy_texts": {f"{p.name} {b}": p.to_kvp() for p, b in policies},
                                "rows": rows, "ratios": ratios}, indent=2, default=str))
     print(f"wrote {out}")
     return 0

@@ -48,6 +48,8 @@ RUNTIME_TARGETS = {
     # a prefill batch's results were processed (prompt checkpointed): compress
     "prefill_done": f"{_SRT}.managers.scheduler_components.batch_result_processor."
                     "SchedulerBatchResultProcessor.process_batch_result_prefill",
+    # each scheduler step, before it picks the next batch: reopen admission after a compression made room
+    "next_batch": f"{_SRT}.managers.scheduler.Scheduler.get_next_batch_to_run",
     # the overlap scheduler: process a compressing prefill's result before its first decode step
     "overlap": f"{_SRT}.managers.scheduler.Scheduler.is_disable_overlap_for_batch",
     # how much of a prompt the radix match may cover: keep the window's queries
@@ -159,6 +161,12 @@ def _after_prefill_done(result, processor, batch, *args, **kwargs):
     return result
 
 
+def _before_next_batch(scheduler, *args, **kwargs):
+    rt = _runtime
+    if rt is not None:
+        rt.before_step(scheduler)
+
+
 def _after_overlap(result, scheduler, batch, *args, **kwargs):
     rt = _runtime
     if rt is None:
@@ -215,6 +223,7 @@ def register() -> None:
                      ("attention", _around_attention, HookType.AROUND),
                      ("extend_attention", _around_extend_attention, HookType.AROUND),
                      ("prefill_done", _after_prefill_done, HookType.AFTER),
+                     ("next_batch", _before_next_batch, HookType.BEFORE),
                      ("overlap", _after_overlap, HookType.AFTER),
                      ("prefix_limit", _after_prefix_limit, HookType.AFTER),
                      ("release", _around_release, HookType.AROUND),

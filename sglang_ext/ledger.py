@@ -37,8 +37,9 @@ class Record:
     slots_freed: int  # returned to the allocator now
     slots_released_to_tree: int  # still cached by the radix tree, now evictable
     position_offset: int
-    seconds: float
+    seconds: float  # the compression: reading the prompt back, the pipeline, writing the kept tokens
     skip_radix_cache_insert: bool  # the request's own flag before compression
+    backend: str = "reference"  # the pipeline's stages: "reference" (torch) or "triton" (CUDA)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Totals:
     captures_dropped: int = 0  # a request released while its prompt was being captured
     room_from_own_prompt: int = 0  # compressions that released their own prompt first to find room
     invariant_violations: int = 0
+    compression_seconds: float = 0.0  # summed over the compressed requests
 
     def add(self, record: Record, released_own_prompt: bool) -> None:
         self.requests_compressed += 1
@@ -63,6 +65,7 @@ class Totals:
         self.slots_freed += record.slots_freed
         self.slots_released_to_tree += record.slots_released_to_tree
         self.room_from_own_prompt += int(released_own_prompt)
+        self.compression_seconds += record.seconds
 
 
 class Ledger:

@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from kvpolicy.exec.pipeline import Pipeline, compile_pipeline
+from kvpolicy.exec.pipeline import Pipeline, backend_for, compile_pipeline
 from kvpolicy.exec.reference.attention import split_decode_attention
 from kvpolicy.exec.reference.scores import LayerInputs
 from kvpolicy.lang import ir
@@ -82,7 +82,8 @@ class Runtime:
         # requests whose layers or heads keep different numbers of tokens
         self.layouts: dict[str, tuple[row_layout.RowLayout, list[row_layout.LayerReader]]] = {}
         self.decode_rows: list[tuple] | None = None  # the current decode forward's row-layout requests
-        self.scheduler = None  # set by the overlap scheduler's hook (sync_before); None without overlap
+        self.scheduler = None  # set before each scheduler step (before_step)
+        self.room_made = False  # a compression freed slots since the last step
         self.pool_slots = self.pool_heads = None  # set by attach, with the attention that reads the row layout
         self.split_attention = split_decode_attention
         self._refused: set[str] = set()  # rids whose own policy could not be read (logged once)
@@ -200,6 +201,18 @@ class Runtime:
                 if self.ledger.check:
                     self.verify(processor.tree_cache)
 
+    def before_step(self, scheduler) -> None:
+        """Before the scheduler picks its next batch. SGLang stops trying new
+        prefills once one did not fit (``running_batch.batch_is_full``) and
+        reopens only when a request leaves; a compression makes room without
+        any request leaving, so it reopens admission here."""
+        self.scheduler = scheduler
+        if self.room_made:
+            self.room_made = False
+            running = getattr(scheduler, "running_batch", None)
+            if running is not None:
+                running.batch_is_full = False
+
     def sync_before(self, scheduler, batch) -> bool:
         """Whether the overlap scheduler must process the last batch's result
         before it launches ``batch``: ``batch`` decodes a request that is still
@@ -275,12 +288,14 @@ class Runtime:
         # slots and is read through row lists (row_layout).
         done = pool.install(tree, batch, i, req, old, kept, counts, self.pool_slots, running, decode)
         B = done.slots.numel()
+        self.room_made = True
         if not done.rank_slot:
             self.layouts[req.rid] = (done.layout, row_layout.readers(done.layout, self.pool_slots, done.slots.device))
 
         rec = Record(req.rid, cap.policy.name, N, B, done.layout.rows_per_layer,
                      "rank-slot" if done.rank_slot else "rows", done.slots_freed, done.slots_released_to_tree,
-                     N - B, time.perf_counter() - t0, done.skip_radix_cache_insert)
+                     N - B, time.perf_counter() - t0, done.skip_radix_cache_insert,
+                     (cap.pipeline.backend or backend_for(done.slots.device)).name)
         self.ledger.compressed(req, rec, done.released_own_prompt)
         if (m := metrics()) is not None:
             m.on_compressed(rec)
@@ -289,9 +304,9 @@ class Runtime:
                           one_pass_layers=cap.one_pass_layers,
                           room_from_own_prompt=done.released_own_prompt, seconds=round(rec.seconds, 4))
         log.info("kvpolicy: rid=%s policy=%s prompt=%d kept=%d slots (%.1f%%) layout=%s rows/layer=%s freed=%d "
-                 "released_to_tree=%d queries=%d/%d in %.2fs", req.rid, cap.policy.name, N, B, 100.0 * B / N,
+                 "released_to_tree=%d queries=%d/%d in %.2fs (%s)", req.rid, cap.policy.name, N, B, 100.0 * B / N,
                  rec.layout, _span(rec.rows_per_layer), rec.slots_freed, rec.slots_released_to_tree,
-                 min(queries_seen, N), N, rec.seconds)
+                 min(queries_seen, N), N, rec.seconds, rec.backend)
 
     def prefix_limit(self, req, input_len: int, limit: int) -> int:
         """How much of a prompt a radix match may cover: a request that will
