@@ -20,6 +20,7 @@ from kvpolicy.eval.evaluate import niah_prompt
 from kvpolicy.lang.registry import load
 from kvpolicy.sglang_ext.server import held_slots, invariant_problems
 
+from .conftest import PRESSURE_POOL
 from .helpers import LISBON, assert_healthy, assert_packed, chat_ids, hay
 
 
@@ -274,3 +275,28 @@ def test_a_budget_larger_than_the_prompt_keeps_everything(plain_server, ems_serv
     assert ems_server.events("budget-over") == []
     state = assert_healthy(ems_server, tokenizer)
     assert state["totals"]["requests_not_compressed"] == not_compressed
+
+
+def test_a_compression_reopens_admission(pressure_server, tokenizer):
+    """A request that did not fit beside an uncompressed prompt is admitted
+    once that prompt is compressed, not only when a request leaves (SGLang
+    stops trying new prefills after one did not fit and reopens on a leaving
+    request; kvpolicy reopens after each compression). In the 1024-slot pool
+    two 520-token prompts do not fit together exact; compressed to 10% they
+    do, so both decode at once while each keeps decoding on purpose."""
+    server = pressure_server
+    server.flush_cache()
+    rids = ["admit-first", "admit-second"]
+    prompts = [chat_ids(tokenizer, hay(tokenizer, 500, offset=41000 + 5000 * k) + "\nGo on.") for k in range(2)]
+    assert all(2 * len(p) > PRESSURE_POOL for p in prompts)
+    first = server.generate_in_background(prompts[0], KEEP_DECODING, rids[0], ignore_eos=True)
+    second = server.generate_in_background(prompts[1], KEEP_DECODING, rids[1], ignore_eos=True)
+    try:
+        state = server.wait_until(lambda s: all(r in s["scheduler"]["running"] for r in rids), "both decoding",
+                                  timeout=600)
+        assert set(state["running"]) >= set(rids), state["running"]  # both compressed
+    finally:
+        for rid in rids:
+            server.abort(rid)
+        first.result(), second.result()
+    assert_healthy(server, tokenizer)
