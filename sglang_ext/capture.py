@@ -26,7 +26,7 @@ import torch
 
 from kvpolicy.exec.pipeline import Pipeline, backend_for
 from kvpolicy.lang import ir
-from kvpolicy.sglang_ext.pool import request_slots
+from kvpolicy.sglang_ext.pool import read_prompt, request_slots
 
 
 @dataclass
@@ -60,6 +60,7 @@ class CaptureBuffer:
         self.rows: list[Capture | None] | None = None  # the current prefill forward's rows
         self.key: tuple | None = None  # the current prefill forward's key
         self.one_pass_layers: set[int] = set()  # layers of the current forward captured by :meth:`extend`
+        self.needs_global = False  # a row of the current forward scores with global()
 
     def __len__(self) -> int:
         return len(self.captures)
@@ -81,16 +82,16 @@ class CaptureBuffer:
         """The rows of a prefill forward (``None`` where nothing is captured)."""
         self.rows, self.key = (rows, forward_key(forward_batch)) if any(c is not None for c in rows) else (None, None)
         self.one_pass_layers = set()
+        self.needs_global = any(c is not None and c.pipeline.needs_accumulated for c in rows)
 
     def takes(self, backend, layer, forward_batch) -> bool:
         """Whether :meth:`extend` computes this layer of this forward: a row
         needs ``global()`` and the layer is one SGLang's ``torch_native``
         backend runs as plain causal SDPA (no encoder, cross attention or
         sliding window; equal key and value head sizes)."""
-        if self.rows is None or forward_key(forward_batch) != self.key:
+        if not self.needs_global or self.rows is None or forward_key(forward_batch) != self.key:
             return False
-        return (any(c is not None and c.pipeline.needs_accumulated for c in self.rows)
-                and not layer.is_cross_attention and getattr(layer.attn_type, "name", "DECODER") == "DECODER"
+        return (not layer.is_cross_attention and getattr(layer.attn_type, "name", "DECODER") == "DECODER"
                 and (layer.sliding_window_size is None or layer.sliding_window_size < 0)
                 and forward_batch.encoder_lens is None and layer.qk_head_dim == layer.v_head_dim
                 and getattr(backend, "swa_out_cache_loc", None) is None)
@@ -131,23 +132,22 @@ class CaptureBuffer:
                 theirs.clear()
 
         for i, cap in enumerate(self.rows):
+            queries = q_[starts[i]:starts[i + 1]].transpose(0, 1)
             if cap is None or not cap.pipeline.needs_accumulated:
                 theirs.append(i)
+                if cap is not None:  # window queries only
+                    _capture(cap, lid, queries, int(pre[i]), None)
                 continue
             flush()
-            n_pre, n_ext = int(pre[i]), int(ext[i])
-            slots = request_slots(backend.req_to_token_pool, forward_batch.req_pool_indices[i], 0, n_pre + n_ext)
-            keys, values = keys_all[slots].transpose(0, 1), values_all[slots].transpose(0, 1)
-            queries = q_[starts[i]:starts[i + 1]].transpose(0, 1)
+            n_pre = int(pre[i])
+            slots = request_slots(backend.req_to_token_pool, forward_batch.req_pool_indices[i], 0, n_pre + int(ext[i]))
+            keys, values = read_prompt(kv_pool, lid, slots)
             out, share = backend_for(q.device).attention_with_column_sums(queries, keys, values, n_rep,
                                                                           scale=layer.scaling)
             o_[starts[i]:starts[i + 1]] = out.transpose(0, 1).to(o.dtype)
             _capture(cap, lid, queries, n_pre, share)
             cap.one_pass_layers += 1
         flush()
-        for i, cap in enumerate(self.rows):  # window queries of the rows that need no global()
-            if cap is not None and not cap.pipeline.needs_accumulated:
-                _capture(cap, lid, q_[starts[i]:starts[i + 1]].transpose(0, 1), int(pre[i]), None)
         self.one_pass_layers.add(lid)
         return o
 

@@ -169,9 +169,7 @@ def _before_next_batch(scheduler, *args, **kwargs):
 
 def _after_overlap(result, scheduler, batch, *args, **kwargs):
     rt = _runtime
-    if rt is None:
-        return result
-    return rt.sync_before(scheduler, batch) or result
+    return result if rt is None else rt.sync_before(batch) or result
 
 
 def _after_prefix_limit(result, req, input_len, *args, **kwargs):

@@ -182,7 +182,7 @@ class Runtime:
             if req.finished() or req.is_retracted:
                 self.release(req, None)
                 continue
-            if not _prompt_done(batch, i, req, cap.prompt_len):
+            if not _prompt_done(batch, i, cap.prompt_len):
                 continue  # a middle chunk: more prompt to come
             self.capture.pop(req.rid)
             try:
@@ -213,7 +213,7 @@ class Runtime:
             if running is not None:
                 running.batch_is_full = False
 
-    def sync_before(self, scheduler, batch) -> bool:
+    def sync_before(self, batch) -> bool:
         """Whether the overlap scheduler must process the last batch's result
         before it launches ``batch``: ``batch`` decodes a request that is still
         being captured, i.e. whose prefill result (and compression) is still
@@ -222,7 +222,6 @@ class Runtime:
         position ``N``: :meth:`_compress` moves that step to ``B``. One step
         of lost overlap per compressing prefill (ARCHITECTURE.md § The
         overlap scheduler)."""
-        self.scheduler = scheduler
         if batch is None or not len(self.capture) or not batch.forward_mode.is_decode():
             return False
         return any(self.capture.get(req.rid) is not None for req in batch.reqs)
@@ -400,14 +399,12 @@ class Runtime:
         return self.ledger.state(self.policy.name, allocator, tree, *self._invariant_args())
 
 
-def _prompt_done(batch, i: int, req, prompt_len: int) -> bool:
+def _prompt_done(batch, i: int, prompt_len: int) -> bool:
     """Whether row ``i`` of this prefill batch ends the request's prompt. Read
     from the batch itself: with the overlap scheduler a middle chunk's result
     is processed after the next chunk was scheduled, when the request's own
     counters already cover the whole prompt."""
-    if batch.prefix_lens is not None and batch.extend_lens is not None:
-        return int(batch.prefix_lens[i]) + int(batch.extend_lens[i]) >= prompt_len
-    return req.inflight_middle_chunks <= 0 and req.kv.kv_committed_len >= prompt_len
+    return int(batch.prefix_lens[i]) + int(batch.extend_lens[i]) >= prompt_len
 
 
 def _split_attention_for(device: torch.device):
