@@ -41,6 +41,7 @@ RUNTIME_TARGETS = {
     "forward_batch": f"{_SRT}.model_executor.forward_batch_info.ForwardBatch.init_new",
     # one attention layer: after it ran (its KV is in the pool), capture queries /
     # column sums in a prefill; in a decode, recompute the rows of requests in the row layout
+    # and keep the queries of requests with a decode trigger (decode_window)
     "attention": f"{_SRT}.layers.radix_attention.RadixAttention.forward",
     # SGLang's CPU attention for a prefill: rows that need global() get one pass
     # giving the output and the accumulated attention (capture.CaptureBuffer.extend)
@@ -48,9 +49,13 @@ RUNTIME_TARGETS = {
     # a prefill batch's results were processed (prompt checkpointed): compress
     "prefill_done": f"{_SRT}.managers.scheduler_components.batch_result_processor."
                     "SchedulerBatchResultProcessor.process_batch_result_prefill",
+    # a decode batch's results were processed: the decode trigger's checks (recompress)
+    "decode_done": f"{_SRT}.managers.scheduler_components.batch_result_processor."
+                   "SchedulerBatchResultProcessor.process_batch_result_decode",
     # each scheduler step, before it picks the next batch: reopen admission after a compression made room
     "next_batch": f"{_SRT}.managers.scheduler.Scheduler.get_next_batch_to_run",
-    # the overlap scheduler: process a compressing prefill's result before its first decode step
+    # the overlap scheduler: process a compressing prefill's result before its first decode step,
+    # and a decode result a decode-time check is due on before the request's next step
     "overlap": f"{_SRT}.managers.scheduler.Scheduler.is_disable_overlap_for_batch",
     # how much of a prompt the radix match may cover: keep the window's queries
     "prefix_limit": f"{_SRT}.managers.schedule_batch.Req._compute_max_prefix_len",
@@ -139,10 +144,12 @@ def _after_forward_batch(result, cls, batch, model_runner, *args, **kwargs):
 def _around_attention(original, layer, q, k=None, v=None, forward_batch=None, *args, **kwargs):
     result = original(layer, q, k, v, forward_batch, *args, **kwargs)
     rt = _runtime
-    if rt is not None and (rt.capture.rows is not None or rt.decode_rows is not None):
+    if rt is not None and (rt.capture.rows is not None or rt.decode_rows is not None or rt.windows.rows is not None):
         fb = forward_batch if forward_batch is not None else kwargs.get("forward_batch")
         if rt.capture.rows is not None:
             rt.on_attention(layer, q, fb)
+        if rt.windows.rows is not None:
+            rt.windows.on_attention(layer, q)
         if rt.decode_rows is not None:
             result = rt.attend(layer, q, result, fb)
     return result
@@ -158,6 +165,13 @@ def _around_extend_attention(original, backend, q, k, v, layer, forward_batch, s
 
 def _after_prefill_done(result, processor, batch, *args, **kwargs):
     runtime().compress_batch(processor, batch)
+    return result
+
+
+def _after_decode_done(result, processor, batch, *args, **kwargs):
+    rt = _runtime
+    if rt is not None:
+        rt.recompress_batch(processor, batch)
     return result
 
 
@@ -221,6 +235,7 @@ def register() -> None:
                      ("attention", _around_attention, HookType.AROUND),
                      ("extend_attention", _around_extend_attention, HookType.AROUND),
                      ("prefill_done", _after_prefill_done, HookType.AFTER),
+                     ("decode_done", _after_decode_done, HookType.AFTER),
                      ("next_batch", _before_next_batch, HookType.BEFORE),
                      ("overlap", _after_overlap, HookType.AFTER),
                      ("prefix_limit", _after_prefix_limit, HookType.AFTER),

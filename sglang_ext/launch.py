@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from kvpolicy.compile.compiler import decode_trigger_limit
 from kvpolicy.lang import ir, wire
 from kvpolicy.lang.errors import PolicyError
 from kvpolicy.lang.registry import load, shipped_names
@@ -109,20 +110,26 @@ def servable(policy: ir.Policy, cuda_graphs: bool = False) -> None:
     rank-slot layout (SGLang's own attention reads it), per-layer and
     per-head budgets in the row layout, whose decode attention runs outside
     SGLang's backends, so not inside CUDA graphs (``cuda_graphs``: the server
-    replays them). Recompressing during decoding is not served yet.
+    replays them). A decode trigger (``every N tokens``) is served for
+    policies the transformers path runs exactly too
+    (:func:`~kvpolicy.compile.compiler.decode_trigger_limit`) whose layers
+    and heads keep one budget (ARCHITECTURE.md § Compressing during decoding).
     """
     if policy.selection is None:
         return
     why = None
-    if policy.trigger.decode_every is not None:
-        why = "it recompresses during decoding, which the pool path does not run yet"
+    if policy.trigger.decode_every is not None and (limit := decode_trigger_limit(policy)):
+        why = f"it recompresses during decoding, and {limit}"
+    elif policy.trigger.decode_every is not None and (variable := variable_budgets(policy)):
+        why = (f"it recompresses during decoding, and {variable}: decode-time recompression is served in the "
+               "rank-slot layout only (every layer and KV head at one budget)")
     elif cuda_graphs and (variable := variable_budgets(policy)):
         why = (f"{variable}: such requests are decoded outside CUDA graphs, and this server replays them "
                "(launch it with --disable-cuda-graph, or with this policy as --kv-policy)")
     if why:
         raise PolicyError(
             f"policy '{policy.name}' cannot be served by SGLang's pool yet: {why}. "
-            "Evaluate it with `kvpolicy eval`, or serve a policy without a decode trigger",
+            "Evaluate it with `kvpolicy eval`, or serve a policy without that",
             file=policy.source)
 
 

@@ -40,6 +40,7 @@ class Record:
     seconds: float  # the compression: reading the prompt back, the pipeline, writing the kept tokens
     skip_radix_cache_insert: bool  # the request's own flag before compression
     backend: str = "reference"  # the pipeline's stages: "reference" (torch) or "triton" (CUDA)
+    decode_compressions: int = 0  # by the decode trigger (slots_kept, rows_per_layer, position_offset: the last)
 
 
 @dataclass
@@ -57,6 +58,13 @@ class Totals:
     room_from_own_prompt: int = 0  # compressions that released their own prompt first to find room
     invariant_violations: int = 0
     compression_seconds: float = 0.0  # summed over the compressed requests
+    decode_compressions: int = 0  # by a decode trigger, during decoding
+    decode_slots_freed: int = 0  # by those
+
+    def recompressed(self, slots_freed: int, seconds: float) -> None:
+        self.decode_compressions += 1
+        self.decode_slots_freed += slots_freed
+        self.compression_seconds += seconds
 
     def add(self, record: Record, released_own_prompt: bool) -> None:
         self.requests_compressed += 1

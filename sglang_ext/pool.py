@@ -120,7 +120,8 @@ def release_hold(tree, allocator, req, owned: torch.Tensor) -> None:
     (those slots stay cached, now evictable)."""
     if owned.numel():
         allocator.free(owned)
-    tree.unlock(req.lock)
+    if req.lock is not None:  # None once compressed: a recompression holds nothing in the tree
+        tree.unlock(req.lock)
     req.lock = None
 
 
@@ -140,7 +141,8 @@ def take_slots(tree, allocator, req, B: int, owned: torch.Tensor) -> tuple[torch
     released = False
     if allocator.available_size() + tree.evictable_size() < B:
         node = req.lock.node if req.lock is not None else None
-        tree.unlock(req.lock)
+        if req.lock is not None:
+            tree.unlock(req.lock)
         req.lock = None
         if allocator.available_size() + tree.evictable_size() + owned.numel() < B:
             if node is not None:

@@ -56,6 +56,7 @@ from kvpolicy.lang.budgets import ModelShape
 from kvpolicy.lang.errors import PolicyError
 from kvpolicy.sglang_ext import pool, row_layout
 from kvpolicy.sglang_ext.capture import Capture, CaptureBuffer
+from kvpolicy.sglang_ext.decode_window import DecodeWindow, DecodeWindows
 from kvpolicy.sglang_ext.handoff import request_policy
 from kvpolicy.sglang_ext.ledger import Ledger, Record
 from kvpolicy.sglang_ext.metrics import metrics
@@ -77,6 +78,7 @@ class Runtime:
         self.pools = None  # (req_to_token_pool, token_to_kv_pool) of the model runner
         self._pipelines: dict[tuple[ir.Policy, int], Pipeline | None] = {}
         self.capture = CaptureBuffer()
+        self.windows = DecodeWindows()  # requests whose policy recompresses during decoding
         self.ledger = Ledger()
         # rid -> the row layout and its per-layer readers, for compressed
         # requests whose layers or heads keep different numbers of tokens
@@ -116,7 +118,9 @@ class Runtime:
 
     def compresses(self, policy: ir.Policy | None, prompt_len: int) -> Pipeline | None:
         """The pipeline for a prompt of this length, or ``None`` when the
-        policy keeps every token (no selection, or a budget >= the prompt).
+        policy keeps every token (no selection, or a budget >= the prompt
+        and no decode trigger; :func:`_at_prefill` says whether it compresses
+        the prompt itself).
         Cached: the scheduler asks (through :meth:`prefix_limit`) for every
         waiting request on every scheduling pass."""
         if policy is None or policy.selection is None or self.shape is None:
@@ -134,7 +138,7 @@ class Runtime:
         except PolicyError as exc:  # e.g. a budget below the window at this prompt length (logged once: cached)
             log.warning("kvpolicy: a %d-token prompt is not compressed by '%s': %s", prompt_len, policy.name, exc)
             return None
-        return pipe if min(pipe.plan.layer_budgets) < prompt_len else None
+        return pipe if min(pipe.plan.layer_budgets) < prompt_len or policy.trigger.decode_every else None
 
     # -- 1. capture ----------------------------------------------------------------
 
@@ -143,6 +147,7 @@ class Runtime:
         forward belong to requests that will be compressed."""
         self.capture.end_forward()
         self.decode_rows = None
+        self.windows.begin_forward(batch, forward_batch)
         mode = forward_batch.forward_mode
         if mode.is_decode() and self.layouts:
             self.decode_rows = self._decode_rows(batch, forward_batch) or None
@@ -185,8 +190,11 @@ class Runtime:
             if not _prompt_done(batch, i, cap.prompt_len):
                 continue  # a middle chunk: more prompt to come
             self.capture.pop(req.rid)
+            if not _at_prefill(cap.pipeline, cap.prompt_len):  # a decode trigger only: the prompt stays exact
+                self._start_window(req, cap, cap.prompt_len)
+                continue
             try:
-                self._compress(processor, batch, i, req, cap)
+                rec = self._compress(processor, batch, i, req, cap)
             except NotCompressed as exc:
                 self.ledger.totals.requests_not_compressed += 1
                 self._left_exact(exc.reason)
@@ -198,8 +206,15 @@ class Runtime:
                 self.ledger.event(req.rid, "not_compressed", reason=repr(exc))
                 log.exception("kvpolicy: rid=%s not compressed, it keeps its exact KV", req.rid)
             else:
+                if cap.policy.trigger.decode_every:
+                    self._start_window(req, cap, rec.slots_kept)
                 if self.ledger.check:
                     self.verify(processor.tree_cache)
+
+    def _start_window(self, req, cap: Capture, length: int) -> None:
+        w = self.windows.start(req.rid, cap.policy, cap.pipeline, cap.queries, length)
+        self.ledger.event(req.rid, "decode_trigger", every=w.every, window=w.window, slots=length,
+                          budget=max(cap.pipeline.plan.decode_budgets))
 
     def before_step(self, scheduler) -> None:
         """Before the scheduler picks its next batch. SGLang stops trying new
@@ -222,6 +237,8 @@ class Runtime:
         position ``N``: :meth:`_compress` moves that step to ``B``. One step
         of lost overlap per compressing prefill (ARCHITECTURE.md § The
         overlap scheduler)."""
+        if len(self.windows) and self.windows.due_before_next() and _results_pending(self.scheduler):
+            return True  # a decode-time check on the last result (decode_window's docstring)
         if batch is None or not len(self.capture) or not batch.forward_mode.is_decode():
             return False
         return any(self.capture.get(req.rid) is not None for req in batch.reqs)
@@ -306,6 +323,96 @@ class Runtime:
                  "released_to_tree=%d queries=%d/%d in %.2fs (%s)", req.rid, cap.policy.name, N, B, 100.0 * B / N,
                  rec.layout, _span(rec.rows_per_layer), rec.slots_freed, rec.slots_released_to_tree,
                  min(queries_seen, N), N, rec.seconds, rec.backend)
+        return rec
+
+    # -- 2b. compress again during decoding ------------------------------------------
+
+    def recompress_batch(self, processor, batch) -> None:
+        """After a decode batch's results: the decode trigger's check for
+        each request that fed its ``N``-th token since the last one, on the
+        result of its latest forward (:mod:`.decode_window`)."""
+        if not len(self.windows):
+            return
+        for i, req in enumerate(batch.reqs):
+            w = self.windows.get(req.rid)
+            if w is None:
+                continue
+            w.done += 1
+            if req.finished() or req.is_retracted or not w.due_now():
+                continue
+            try:
+                self._check(processor, batch, i, req, w)
+            except NotCompressed as exc:
+                self.ledger.event(req.rid, "not_recompressed", reason=str(exc))
+                log.warning("kvpolicy: rid=%s not recompressed, it keeps its KV: %s", req.rid, exc)
+            except Exception as exc:  # a bug of ours must not take the server down
+                self.ledger.event(req.rid, "not_recompressed", reason=repr(exc))
+                log.exception("kvpolicy: rid=%s not recompressed, it keeps its KV", req.rid)
+            else:
+                if self.ledger.check:
+                    self.verify(processor.tree_cache)
+
+    def _check(self, processor, batch, i: int, req, w: DecodeWindow) -> None:
+        """One check of the decode trigger: over budget, the request's whole
+        private KV (its kept tokens and the ones decoded since; or, never
+        compressed yet, its exact prompt too) is compressed to the budget
+        again, into fresh slots; the old ones are freed (the prompt's, held
+        by the tree, stay there as exact cache)."""
+        t0 = time.perf_counter()
+        w.checks += 1
+        written = w.ran_len
+        prepared = req.kv.kv_allocated_len - written  # 1: the overlap scheduler prepared the next step
+        w.checked_len = written
+        if prepared not in (0, 1) or req.kv.kv_committed_len != req.kv.kv_allocated_len:
+            raise NotCompressed(f"it holds {req.kv.kv_committed_len} committed / {req.kv.kv_allocated_len} "
+                                f"allocated slots after {written} written")
+        w.most_slots = max(w.most_slots, written + prepared)
+        budgets = w.pipeline.plan.decode_budgets
+        if written <= max(budgets):
+            return
+        tree = processor.tree_cache
+        kv = tree.token_to_kv_pool_allocator.get_kvcache()
+        old = pool.request_slots(tree.req_to_token_pool, req.kv.req_pool_idx, 0, written).clone()
+        kept, counts = [], []
+        for lid in range(self.shape.num_layers):
+            keys, values = pool.read_prompt(kv, lid, old)
+            out = w.pipeline.compress(lid, LayerInputs(keys, values, w.queries(lid)), budget=budgets[lid])
+            kept.append((out.keys, out.values))
+            counts.append(out.counts)
+        counts = torch.stack(counts).cpu()
+        done = pool.install(tree, batch, i, req, old, kept, counts, self.pool_slots, self._running_row(req),
+                            bool(prepared))
+        B = done.slots.numel()
+        w.ran_len = w.checked_len = B
+        w.recompressions += 1
+        self.room_made = True
+        if done.rank_slot:
+            self.layouts.pop(req.rid, None)
+        else:
+            self.layouts[req.rid] = (done.layout, row_layout.readers(done.layout, self.pool_slots, done.slots.device))
+        seconds = time.perf_counter() - t0
+        rec = self.ledger.records.get(req.rid)
+        first = rec is None
+        logical = written + (0 if first else rec.position_offset)
+        if first:  # its prompt was within budget (or the trigger leaves out prefill): compressed for the first time
+            rec = Record(req.rid, w.policy.name, w.pipeline.plan.prompt_len, B, done.layout.rows_per_layer,
+                         "rank-slot" if done.rank_slot else "rows", done.slots_freed, done.slots_released_to_tree,
+                         logical - B, seconds, done.skip_radix_cache_insert,
+                         (w.pipeline.backend or backend_for(done.slots.device)).name, decode_compressions=1)
+            self.ledger.compressed(req, rec, done.released_own_prompt)
+        else:
+            rec.slots_kept, rec.rows_per_layer, rec.position_offset = B, done.layout.rows_per_layer, logical - B
+            rec.slots_freed += done.slots_freed
+            rec.slots_released_to_tree += done.slots_released_to_tree
+            rec.seconds += seconds
+            rec.decode_compressions += 1
+        self.ledger.totals.recompressed(done.slots_freed, 0.0 if first else seconds)  # a first one: counted above
+        self.ledger.event(req.rid, "recompressed", written=written, held=written + prepared, slots_kept=B,
+                          logical=logical, freed=done.slots_freed, released_to_tree=done.slots_released_to_tree,
+                          first=first, prepared=bool(prepared), output_tokens=len(req.output_ids),
+                          seconds=round(seconds, 4))
+        log.info("kvpolicy: rid=%s policy=%s recompressed at %d tokens (%d slots) to %d slots, freed=%d in %.2fs",
+                 req.rid, w.policy.name, logical, written, B, done.slots_freed, seconds)
 
     def prefix_limit(self, req, input_len: int, limit: int) -> int:
         """How much of a prompt a radix match may cover: a request that will
@@ -369,6 +476,7 @@ class Runtime:
         generated), and compressed again then; its record is never reused.
         Returns the record it had, if it was compressed."""
         rid = req.rid
+        self.windows.pop(rid)
         capturing = self.capture.pop(rid) is not None
         record = self.ledger.forget(rid)
         self.layouts.pop(rid, None)
@@ -405,6 +513,18 @@ def _prompt_done(batch, i: int, prompt_len: int) -> bool:
     is processed after the next chunk was scheduled, when the request's own
     counters already cover the whole prompt."""
     return int(batch.prefix_lens[i]) + int(batch.extend_lens[i]) >= prompt_len
+
+
+def _at_prefill(pipe: Pipeline, prompt_len: int) -> bool:
+    """Whether the pipeline compresses the prompt when its prefill ends (a
+    decode trigger alone captures, but leaves the prompt exact)."""
+    return pipe.policy.trigger.prefill and min(pipe.plan.layer_budgets) < prompt_len
+
+
+def _results_pending(scheduler) -> bool:
+    """The overlap scheduler holds a result it has not processed yet."""
+    queue = getattr(scheduler, "result_queue", None)
+    return queue is None or len(queue) > 0
 
 
 def _split_attention_for(device: torch.device):

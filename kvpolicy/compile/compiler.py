@@ -45,6 +45,15 @@ class Plan:
         return any(b < self.prompt_len for b in self.layer_budgets)
 
     @property
+    def decode_budgets(self) -> tuple[int, ...]:
+        """What a decode-time trigger compresses each layer back to: its
+        budget, unclipped where the prompt was shorter than it (a prompt
+        under the budget keeps everything at prefill, and is compressed
+        once its generation crosses the budget)."""
+        full = self.policy.budget.unclipped(self.prompt_len)
+        return tuple(max(b, full) if b >= self.prompt_len else b for b in self.layer_budgets)
+
+    @property
     def kept_slots(self) -> int:
         return sum(self.layer_budgets) * self.shape.num_kv_heads
 
@@ -71,6 +80,34 @@ def referenced_terms(policy: ir.Policy) -> list[ir.ScoreExpr]:
             if not isinstance(e, (ir.ScoreRef, ir.WeightedSum, ir.Normalize)) and e not in out:
                 out.append(e)
     return out
+
+
+def decode_trigger_limit(policy: ir.Policy) -> str | None:
+    """Why ``policy``'s decode-time trigger (``trigger every N tokens``) cannot
+    be run exactly, or ``None`` when it can (or there is none). One answer
+    for the transformers path and the server, which both refuse these.
+
+    * ``global()``: the accumulated attention covers the prompt's queries;
+      after the first compression the prompt queries' rows over the evicted
+      keys are gone, and summing each decode step's attention row over the
+      whole cache (H2O's running accumulation) is not implemented, so a
+      recompression would rank the kept prompt tokens and the decoded ones
+      on different evidence.
+    * heads that keep different numbers of tokens (``per head pooled``,
+      ``keep top p``): a recompression reads each layer as ``[H_kv, n, d]``,
+      one length for every head.
+    """
+    if policy.trigger.decode_every is None or policy.selection is None:
+        return None
+    if any(isinstance(t, ir.GlobalAttention) for t in referenced_terms(policy)):
+        return ("it scores with global(), whose accumulated attention covers only the prompt's queries "
+                "(decode steps' attention is not accumulated)")
+    sel = policy.selection
+    if sel.unit == "pooled":
+        return "its heads keep different numbers of tokens (per head pooled), and a recompression needs one length per layer"
+    if sel.keep.p is not None:
+        return f"top-p keeping (p={sel.keep.p}) gives heads different numbers of tokens, and a recompression needs one length per layer"
+    return None
 
 
 def plan(policy: ir.Policy, shape: ModelShape, prompt_len: int, *, base_dir: Path | None = None) -> Plan:

@@ -15,10 +15,12 @@ from typing import Callable
 
 import torch
 
+from kvpolicy.compile.compiler import decode_trigger_limit
 from kvpolicy.exec.pipeline import Pipeline, backend_for, compile_pipeline
 from kvpolicy.exec.reference.scores import LayerInputs
 from kvpolicy.lang import ir
 from kvpolicy.lang.budgets import ModelShape
+from kvpolicy.lang.errors import PolicyError
 
 TAP_NAME = "kvpolicy_tap"
 _active: list[Callable] = []  # the innermost tap is called
@@ -149,7 +151,13 @@ class CompressedState:
 
 
 def compress(capture: Capture, policy: ir.Policy | None, shape: ModelShape) -> CompressedState:
-    """Apply ``policy`` (``None``: keep everything) to each sequence of a capture."""
+    """Apply ``policy`` (``None``: keep everything) to each sequence of a
+    capture; a policy whose trigger leaves out ``prefill`` keeps everything
+    now and compresses only during decoding. A decode trigger that cannot be
+    run exactly is refused (:func:`~kvpolicy.compile.compiler.decode_trigger_limit`,
+    the server's rule too)."""
+    if policy is not None and (why := decode_trigger_limit(policy)):
+        raise PolicyError(f"policy '{policy.name}' cannot recompress during decoding: {why}", file=policy.source)
     B, L = len(capture.lengths), shape.num_layers
     per_layer_k: list[list[torch.Tensor]] = [[None] * B for _ in range(L)]
     per_layer_v: list[list[torch.Tensor]] = [[None] * B for _ in range(L)]
@@ -160,7 +168,7 @@ def compress(capture: Capture, policy: ir.Policy | None, shape: ModelShape) -> C
         pipes.append(pipe)
         row = []
         for layer in range(L):
-            if pipe is None:
+            if pipe is None or not pipe.policy.trigger.prefill:
                 k, v = capture.keys[b][layer], capture.values[b][layer]
                 valid = torch.ones(k.shape[:2], dtype=torch.bool)
             else:
@@ -251,23 +259,22 @@ def feed(lm, state: CompressedState, tokens: torch.Tensor) -> torch.Tensor:
 def _maybe_recompress(state: CompressedState) -> None:
     """The decode-time trigger: every ``N`` decoded tokens, a sequence whose
     cache is over its budget is compressed again to that budget (its kept
-    slots and the tokens decoded since, scored by the policy's terms; the
-    accumulated attention of ``global()`` covers the prompt's queries)."""
+    slots and the tokens decoded since, scored by the policy's terms over
+    the last window queries, prompt and decode steps alike). Policies this
+    cannot run exactly were refused by :func:`compress`."""
     todo = [(b, p) for b, p in enumerate(state.pipelines)
             if p is not None and p.policy.trigger.decode_every and state.since_compress >= p.policy.trigger.decode_every]
     if not todo:
         return
     for b, pipe in todo:
-        if pipe.needs_accumulated:
-            continue  # accumulated attention is known for prompt queries only
         for layer in range(len(state.keys)):
             valid = state.valid[layer][b]  # [H_kv, K]
-            budget = pipe.plan.layer_budgets[layer]
+            budget = pipe.plan.decode_budgets[layer]
             counts = valid.sum(dim=1)
             if int(counts.min()) <= budget:
                 continue
-            if not bool((counts == counts[0]).all()):
-                continue  # heads of unequal length (pooled budgets) are recompressed only at prefill
+            if not bool((counts == counts[0]).all()):  # refused in compress (decode_trigger_limit)
+                raise RuntimeError(f"layer {layer}: heads of unequal length {counts.tolist()} at a recompression")
             k = state.keys[layer][b][valid].view(valid.shape[0], -1, state.keys[layer].shape[-1])
             v = state.values[layer][b][valid].view(valid.shape[0], -1, state.values[layer].shape[-1])
             out = pipe.compress(layer, LayerInputs(k, v, state.window_queries[b][layer]), budget=budget)

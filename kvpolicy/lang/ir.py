@@ -66,6 +66,11 @@ class Budget:
 
     def tokens_for(self, prompt_len: int) -> int:
         """Tokens per KV head for a prompt of ``prompt_len`` tokens (never above it)."""
+        return max(0, min(self.unclipped(prompt_len), prompt_len))
+
+    def unclipped(self, prompt_len: int) -> int:
+        """:meth:`tokens_for` before it is clipped to the prompt: what a
+        decode-time trigger holds a request to once its generation is longer."""
         if self.unit == "tokens":
             n = int(self.amount)
         else:
@@ -74,7 +79,7 @@ class Budget:
                 n = max(n, self.floor)
             if self.cap is not None:
                 n = min(n, self.cap)
-        return max(0, min(n, prompt_len))
+        return max(0, n)
 
 
 @dataclass(frozen=True)

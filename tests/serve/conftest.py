@@ -59,7 +59,9 @@ def ems10_server(model_dir, tmp, extra, env):
 
 #: the operator's policy folder of the EMS server: requests may pick these by name
 FOLDER_POLICIES = {"tight": "policy tight\nextends snapkv\nbudget 5%\n",
-                   "layered": "policy layered\nextends snapkv\nbudget 15%\nlayers pyramid(beta=10)\n"}
+                   "layered": "policy layered\nextends snapkv\nbudget 15%\nlayers pyramid(beta=10)\n",
+                   # recompressed every 16 decoded tokens to 96 slots
+                   "rolling": "policy rolling\nextends snapkv\nbudget 96 tokens\ntrigger prefill, every 16 tokens\n"}
 
 
 @pytest.fixture(scope="session")

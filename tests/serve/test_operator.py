@@ -74,7 +74,7 @@ def test_requests_pick_policies_from_the_operators_folder(ems_server, tokenizer)
     ({"good.kvp": "policy good\nextends snapkv\n", "bad.kvp": "policy bad\nbudget 10 tokns\n"}, "bad.kvp:2"),
     ({"snapkv.kvp": "policy snapkv\nextends h2o\n"}, "would shadow the shipped policy"),
     ({}, "no .kvp files"),
-    ({"loop.kvp": "policy loop\nextends snapkv\ntrigger prefill, every 64 tokens\n"}, "recompresses during decoding"),
+    ({"loop.kvp": "policy loop\nextends adakv\ntrigger prefill, every 64 tokens\n"}, "recompresses during decoding"),
 ])
 def test_a_bad_policy_folder_stops_the_launch(tmp_path, capsys, monkeypatch, files, expected):
     monkeypatch.setenv(launch.ENV_POLICY, "restored after the test")

@@ -15,10 +15,12 @@ from kvpolicy.exec.pipeline import compile_pipeline
 from kvpolicy.lang.budgets import DEFAULT_MODEL
 from kvpolicy.lang.registry import load
 from kvpolicy.sglang_ext import server as srv
-from kvpolicy.sglang_ext.server import held_slots
+from kvpolicy.sglang_ext.server import held_slots, invariant_problems
 
 from .conftest import EMS_10, SERVER_FLAGS, ems10_server
 from .helpers import HangUp, assert_healthy, assert_packed, chat_ids, hang_up_after, hay, stream_completion
+
+B_ROLLING = 96  # the "rolling" folder policy's budget (conftest.FOLDER_POLICIES)
 
 
 @pytest.mark.slow
@@ -100,6 +102,69 @@ def test_served_equals_the_transformers_path(ems_server, tokenizer, model_dir, p
     assert_packed(event, chosen, len(ids))
     assert event["rows_per_layer"] == state.kept[0]  # what the transformers path kept, layer by layer
     assert_healthy(ems_server, tokenizer)
+
+
+def test_a_decode_trigger_is_served_as_the_transformers_path_runs_it(ems_server, tokenizer, model_dir):
+    """``trigger prefill, every 16 tokens`` at 96 slots (SnapKV's scores over
+    a window that slides with the generation): greedy tokens equal
+    ``hf.generate`` under the same policy, for a prompt compressed at prefill
+    and for one under the budget, which starts compressing once its
+    generation crosses it. Every 16 decoded tokens the request is
+    recompressed in place: it never holds more than ``96 + 16`` slots (and
+    the step the overlap scheduler prepared), and each check ran before that
+    step was launched (``prepared``)."""
+    from kvpolicy.dsl.parser import parse
+    from kvpolicy.hf import generate as hf
+    from kvpolicy.hf.models import load_model
+
+    from .conftest import FOLDER_POLICIES
+
+    policy = parse(FOLDER_POLICIES["rolling"])
+    lm, tok, shape = load_model(str(model_dir))
+    B, every, new_tokens = B_ROLLING, 16, 64
+    for name, words in (("long", 400), ("short", 30)):
+        ids = chat_ids(tokenizer, hay(tokenizer, words, offset=61000) + "\n\nWrite a long story about it.")
+        rid = f"rolling-{name}"
+        served = ems_server.generate(ids, new_tokens, rid=rid, custom_params={"kv_policy": "rolling"},
+                                     ignore_eos=True)
+        expected, state = hf.generate(lm, torch.tensor([ids]), policy, shape, max_new_tokens=new_tokens)
+        assert served["output_ids"] == expected[0].tolist(), (name, served["text"], tok.decode(expected[0]))
+        events = ems_server.events(rid)
+        checks = [e for e in events if e["event"] == "recompressed"]
+        # fed tokens 16, 32, 48 (the 64th is returned, never fed); the short
+        # prompt is over 96 slots from the second check on
+        over = [k * every for k in (1, 2, 3) if (len(ids) if name == "short" else B) + k * every > B]
+        assert len(ids) > B if name == "long" else len(ids) < B, (name, len(ids))
+        assert len(checks) == len(over) >= 2, (name, len(ids), checks)
+        for e in checks:
+            assert e["slots_kept"] == B and e["written"] <= B + every and e["held"] <= B + every + 1, e
+            assert e["prepared"], e  # the overlap scheduler's next step waited for the check
+        assert checks[0]["first"] == (name == "short")
+        assert [e["event"] for e in events if e["event"] == "compressed"] == (["compressed"] if name == "long" else [])
+        assert all(int(valid[0].sum(dim=1).max()) <= B + every for valid in state.valid)  # the same bound there
+    assert_healthy(ems_server, tokenizer)
+
+
+def test_a_request_aborted_after_recompressions_gives_every_slot_back(ems_server, tokenizer):
+    """Cancelled while decoding under a decode trigger, after it was
+    recompressed twice: its private slots go back, its record and window
+    are forgotten, nothing compressed is in the tree."""
+    ids = chat_ids(tokenizer, hay(tokenizer, 300, offset=64000) + "\n\nGo on.")
+    rid = "rolling-abort"
+    target = ems_server.generate_in_background(ids, 2000, rid, custom_params={"kv_policy": "rolling"},
+                                               ignore_eos=True)
+    ems_server.wait_until(lambda s: sum(e["rid"] == rid and e["event"] == "recompressed" for e in s["events"]) >= 2,
+                          f"two recompressions of {rid}", 300)
+    state = ems_server.kv_state()
+    assert not invariant_problems(state), invariant_problems(state)
+    assert B_ROLLING <= held_slots(state) <= B_ROLLING + 16 + 1, held_slots(state)
+    ems_server.abort(rid)
+    reply = target.result()
+    assert reply["meta_info"]["finish_reason"]["type"] == "abort", reply["meta_info"]
+    released = ems_server.events(rid)[-1]
+    assert released["event"] == "released" and released["compressed"], released
+    end = assert_healthy(ems_server, tokenizer)
+    assert end["totals"]["decode_compressions"] >= 2
 
 
 @pytest.mark.slow
@@ -209,7 +274,9 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
 BAD_POLICIES = [
     ("policy broken\nbudget 10 tokns\n", "broken.kvp", "broken.kvp:2"),
     (None, "missing.kvp", "not found"),
-    ("policy p\nextends snapkv\ntrigger prefill, every 256 tokens\n", "decode.kvp", "recompresses during decoding"),
+    ("policy p\nextends h2o\ntrigger prefill, every 256 tokens\n", "decode.kvp", "it scores with global()"),
+    ("policy p\nextends snapkv\nlayers pyramid(beta=10)\ntrigger every 64 tokens\n", "decode.kvp",
+     "rank-slot layout only"),
 ]
 
 
