@@ -65,6 +65,8 @@ def expr(e: ir.ScoreExpr) -> str:
         return "value_norm()"
     if isinstance(e, ir.Recency):
         return "recency()"
+    if isinstance(e, ir.Redundancy):
+        return "redundancy()" if e.threshold == ir.Redundancy().threshold else f"redundancy(threshold={number(e.threshold)})"
     if isinstance(e, ir.Normalize):
         return f"{e.kind}({', '.join(expr(a) for a in e.args)})"
     if isinstance(e, ir.WeightedSum):

@@ -38,7 +38,7 @@ from kvpolicy.policies import shipped_names, shipped_path
 GRAMMAR = Path(__file__).with_name("grammar.lark")
 
 
-SCORE_TERMS = ("global", "local", "key_norm", "value_norm", "recency")
+SCORE_TERMS = ("global", "local", "key_norm", "value_norm", "recency", "redundancy")
 NORMALIZERS = ("mean_align", "max_align", "zscore", "rank")
 SCORE_FUNCTIONS = SCORE_TERMS + NORMALIZERS
 SCHEDULES = ("uniform", "pyramid", "adaptive")
@@ -447,6 +447,9 @@ class _Reader:
                 if a.data != "posarg":
                     raise self.error(f"{fname}() takes score expressions, not options", a)
             return ir.Normalize(fname, tuple(self.expr(a.children[0]) for a in args))
+        if fname == "redundancy":
+            args = self.call_args(call, allowed=("threshold",), positional=0, key=key)
+            return ir.Redundancy(self.number(args["threshold"])) if "threshold" in args else ir.Redundancy()
         if fname in ("key_norm", "value_norm", "recency"):
             self.call_args(call, allowed=(), positional=0)
             return {"key_norm": ir.KeyNorm, "value_norm": ir.ValueNorm, "recency": ir.Recency}[fname]()

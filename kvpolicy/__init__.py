@@ -39,7 +39,9 @@ _COMPOSE = (
     "pyramidkv",
     "rank",
     "recency",
+    "redundancy",
     "retrieval",
+    "rkv",
     "similar",
     "snapkv",
     "spankv",
@@ -75,6 +77,6 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS", "Policy", "PolicyError", "adakv", "adaptive", "as_budget", "avg_pool", "compresskv", "ems",
     "explicit", "full", "global_", "h2o", "key_norm", "load", "local", "max_align", "max_pool", "mean_align", "per_head",
-    "per_layer", "policy", "pooled_heads", "pyramid", "pyramidkv", "rank", "recency", "retrieval", "shipped_names",
+    "per_layer", "policy", "pooled_heads", "pyramid", "pyramidkv", "rank", "recency", "redundancy", "retrieval", "rkv", "shipped_names",
     "similar", "snapkv", "spankv", "streamingllm", "uniform", "value_norm", "with_pool", "with_window", "zscore",
 ]

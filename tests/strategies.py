@@ -20,6 +20,7 @@ def leaves(defined: list[str], max_window: int):
         st.builds(ir.GlobalAttention, st.sampled_from(ir.GLOBAL_NORMS), heads, st.sampled_from(ir.GQA_REDUCES)),
         st.builds(ir.LocalAttention, st.integers(1, max_window), pools, heads, st.sampled_from(ir.GQA_REDUCES)),
         st.just(ir.KeyNorm()), st.just(ir.ValueNorm()), st.just(ir.Recency()),
+        st.builds(ir.Redundancy, st.sampled_from([0.5, 0.25, 0.9, 0.0])),
     ]
     if defined:
         options.append(st.sampled_from(defined).map(ir.ScoreRef))

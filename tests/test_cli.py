@@ -17,7 +17,7 @@ POLICIES = sorted(str(p) for p in Path(shipped_path("ems")).parent.glob("*.kvp")
 def test_check_all_shipped_policies(capsys):
     assert main(["check", *POLICIES]) == 0
     out = capsys.readouterr().out
-    assert out.count("ok  ") == len(POLICIES) == 9
+    assert out.count("ok  ") == len(POLICIES) == 10
 
 
 def test_check_reports_errors_and_exits_1(tmp_path, capsys):

@@ -138,6 +138,8 @@ def _stages(p: ir.Policy, shape: ModelShape, T: int) -> list[Stage]:
         needs.append("key/value norms")
     if any(isinstance(t, ir.Recency) for t in terms):
         needs.append("token positions")
+    if any(isinstance(t, ir.Redundancy) for t in terms):
+        needs.append("key-key cosine similarities per head, block by block")
     stages = [Stage("capture", "; ".join(needs) or "nothing beyond the cache")]
     stages.append(Stage("score", "; ".join(f"{d.name} = {format_expr(d.expr)}" for d in p.scores)))
 

@@ -67,6 +67,10 @@ def recency() -> ir.Recency:
     return ir.Recency()
 
 
+def redundancy(threshold: float = 0.5) -> ir.Redundancy:
+    return ir.Redundancy(threshold)
+
+
 def mean_align(*terms) -> ir.Normalize:
     return ir.Normalize("mean_align", tuple(ir._as_expr(t) for t in terms))
 
@@ -228,7 +232,15 @@ def compresskv(budget=None, *, window: int | None = None, top: int | None = None
     return p
 
 
+def rkv(budget=None, *, every: int | None = None) -> Policy:
+    """R-KV (``policies/rkv.kvp``): importance minus redundancy, compressed
+    again every ``every`` decoded tokens (128 shipped)."""
+    p = _shipped("rkv", budget)
+    return p if every is None else p.with_trigger(prefill=p.trigger.prefill, decode_every=every)
+
+
 METHODS = {
     "full": full, "streamingllm": streamingllm, "h2o": h2o, "snapkv": snapkv, "pyramidkv": pyramidkv,
     "adakv": adakv, "ems": ems, "compresskv": compresskv, "spankv": spankv,
+    "rkv": rkv,
 }

@@ -213,6 +213,18 @@ class ValueNorm(ScoreExpr):
 
 
 @dataclass(frozen=True)
+class Redundancy(ScoreExpr):
+    """How redundant each key is with the others of its head (R-KV, Cai et
+    al., arXiv 2505.24133, § 3.2): ``r[j] = softmax_j(mean_i S[j, i])`` over
+    the tokens, with ``S`` the cosine similarity of key ``j`` to key ``i``,
+    ``S[j, j] = 0``, and ``S[j, i*] = 0`` for the most recent ``i*`` with
+    ``S[j, i*] > threshold`` (that copy is the one kept). High is redundant:
+    R-KV subtracts it from importance, ``λ·local − (1 − λ)·redundancy()``."""
+
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
 class Recency(ScoreExpr):
     """The token's position ``j`` (later is higher): top-k by recency is the
     StreamingLLM recent window (Xiao et al., arXiv 2309.17453)."""

@@ -177,6 +177,10 @@ class _Checker:
             self.heads(e.heads, f"{key}:local")
         elif isinstance(e, ir.GlobalAttention):
             self.heads(e.heads, f"{key}:global")
+        elif isinstance(e, ir.Redundancy):
+            if not -1.0 <= e.threshold < 1.0:
+                raise self.fail(f"redundancy(threshold={e.threshold}): a cosine threshold must be in [-1, 1)",
+                                f"{key}:redundancy")
         elif isinstance(e, (ir.KeyNorm, ir.ValueNorm, ir.Recency)):
             pass
         else:  # a Python caller passed something that is not IR

@@ -13,7 +13,7 @@ from kvpolicy.lang.registry import shipped_path
 from kvpolicy.lang.validate import validate
 from tests.strategies import policies
 
-SHIPPED = ["adakv", "compresskv", "ems", "full", "h2o", "pyramidkv", "snapkv", "spankv", "streamingllm"]
+SHIPPED = ["adakv", "compresskv", "ems", "full", "h2o", "pyramidkv", "rkv", "snapkv", "spankv", "streamingllm"]
 
 
 def test_every_method_is_shipped():

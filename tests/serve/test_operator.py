@@ -61,7 +61,7 @@ def test_requests_pick_policies_from_the_operators_folder(ems_server, tokenizer)
         reply = ems_server.generate(ids, 4, rid=f"folder-{name}", custom_params={"kv_policy": name})
         assert "text" in reply, reply
         (event,) = [e for e in ems_server.events(f"folder-{name}") if e["event"] == "compressed"]
-        assert event["layout"] == ("rank-slot" if name == "tight" else "rows")
+        assert event["layout"] == ("rows" if name == "layered" else "rank-slot")
     assert ems_server.kv_state()["policy"] == "ems10"
     bad = ems_server.generate(ids, 4, custom_params={"kv_policy": "tigth"})
     assert bad["status"] == 400 and "tight" in bad["error"] and "policy folder" in bad["error"]

@@ -119,6 +119,28 @@ def uniform_causal_attention(N: int, device=None) -> Tensor:
     return inv.flip(0).cumsum(0).flip(0).to(torch.float32)
 
 
+def redundancy_term(term: ir.Redundancy, keys: Tensor, block: int = 1024) -> Tensor:
+    """:class:`~kvpolicy.lang.ir.Redundancy` of ``keys [H_kv, N, d]``, ``[H_kv, N]``
+    fp32: R-KV's redundancy (arXiv 2505.24133, § 3.2; its public code's
+    ``retain_direction="last"``). Rows of the similarity matrix ``[H_kv, b, N]``
+    are built ``block`` at a time, never ``N x N`` at once."""
+    k = keys.float()
+    k = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+    H, N, _ = k.shape
+    index = torch.arange(N, device=k.device)
+    mean = torch.empty(H, N, dtype=torch.float32, device=k.device)
+    for s in range(0, N, block):
+        e = min(N, s + block)
+        sim = torch.matmul(k[:, s:e], k.transpose(1, 2))  # [H, b, N]
+        rows = torch.arange(e - s, device=k.device)
+        sim[:, rows, rows + s] = 0.0
+        # the most recent similar key of each row is the copy that is kept: not counted
+        last = torch.where(sim > term.threshold, index, -1).amax(dim=-1, keepdim=True)  # [H, b, 1]
+        kept_copy = sim.gather(-1, last.clamp_min(0)) * (last >= 0)
+        mean[:, s:e] = (sim.sum(dim=-1) - kept_copy[..., 0]) / N
+    return mean.softmax(dim=-1)
+
+
 def _masked_stats(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     m = mask.to(x.dtype)
     n = m.sum().clamp_min(1.0)
@@ -165,6 +187,8 @@ def evaluate(expr: ir.ScoreExpr, ctx: ScoreContext) -> Tensor:
         return inp.keys.float().norm(dim=-1)
     if isinstance(expr, ir.ValueNorm):
         return inp.values.float().norm(dim=-1)
+    if isinstance(expr, ir.Redundancy):
+        return redundancy_term(expr, inp.keys)
     if isinstance(expr, ir.Recency):
         return torch.arange(N, dtype=torch.float32, device=inp.keys.device).expand(H_kv, N).contiguous()
     if isinstance(expr, ir.WeightedSum):
