@@ -53,7 +53,9 @@ def invariant_problems(state: dict, *, idle: bool = False) -> list[str]:
     if idle:
         if held_slots(state):
             problems.append(f"{held_slots(state)} slots are still held")
-        if state["running"] or inv["captures_pending"] or state["protected_slots"]:
+        windows = inv.get("decode_windows", 0)
+        if state["running"] or inv["captures_pending"] or state["protected_slots"] or windows:
             problems.append(f"still running: {sorted(state['running'])}, captures pending: "
-                            f"{inv['captures_pending']}, protected slots: {state['protected_slots']}")
+                            f"{inv['captures_pending']}, decode windows: {windows}, "
+                            f"protected slots: {state['protected_slots']}")
     return problems

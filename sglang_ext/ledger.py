@@ -102,7 +102,8 @@ class Ledger:
 
     # -- invariants ----------------------------------------------------------------
 
-    def invariants(self, tree, layouts: dict, captures_pending: int, pool_slots: int, pool_heads: int) -> dict:
+    def invariants(self, tree, layouts: dict, captures_pending: int, pool_slots: int, pool_heads: int,
+                   decode_windows: int = 0) -> dict:
         """What must hold whenever the scheduler is between steps.
 
         * ``tree_slots == evictable_slots + protected_slots``: the radix
@@ -134,7 +135,7 @@ class Ledger:
                 + int(tree.protected_size()), "compressed_slots": int(compressed.numel()),
                 "compressed_slots_in_tree": in_tree, "compressed_slots_shared": shared,
                 "compressed_rows_shared": rows_shared, "compressed_rows_outside_own_slots": rows_outside,
-                "captures_pending": captures_pending}
+                "captures_pending": captures_pending, "decode_windows": decode_windows}
 
     def _row_checks(self, req_to_token_pool, layouts: dict, S: int, H: int) -> tuple[int, int]:
         """Rows of the row layout held twice (by two requests, or one twice),

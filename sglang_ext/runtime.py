@@ -494,7 +494,7 @@ class Runtime:
         return record
 
     def _invariant_args(self) -> tuple:
-        return self.layouts, len(self.capture), self.pool_slots, self.pool_heads
+        return self.layouts, len(self.capture), self.pool_slots, self.pool_heads, len(self.windows)
 
     def invariants(self, tree) -> dict:
         """:meth:`kvpolicy.sglang_ext.ledger.Ledger.invariants` of this scheduler."""

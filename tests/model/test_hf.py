@@ -113,3 +113,40 @@ def test_prefill_computes_accumulated_attention_in_the_attention_pass():
     expected = accumulated_attention(q_full.queries[0][1], q_full.keys[0][1], 2)
     torch.testing.assert_close(fused.accumulated[0][1], expected, rtol=1e-4, atol=1e-5)
     assert fused.accumulated[1][0].shape == (4, 60)  # left padding removed
+
+
+@pytest.mark.parametrize("policy, why", [
+    (kp.h2o(budget=64).with_trigger(decode_every=8), "global()"),
+    (kp.adakv(budget=64).with_trigger(decode_every=8), "per head pooled"),
+])
+def test_a_decode_trigger_that_cannot_run_exactly_is_refused(policy, why):
+    """The server's rule too (compiler.decode_trigger_limit): refused, with the reason, never skipped."""
+    lm, tok, shape = tiny_llama()
+    with pytest.raises(kp.PolicyError, match="cannot recompress during decoding") as err:
+        generate(lm, prompt(2, 120), policy, shape, max_new_tokens=4)
+    assert why in str(err.value)
+
+
+def test_a_prompt_under_budget_is_compressed_once_its_generation_crosses_it():
+    """64 tokens kept: a 40-token prompt keeps all of it at prefill; after 8, 16
+    and 24 decoded tokens the check runs; from 32 on (40 + 24 = 64 ... + 32 =
+    72 > 64) it holds the budget. ``trigger every`` without ``prefill``
+    leaves a long prompt exact at prefill and compresses it at the first check."""
+    lm, tok, shape = tiny_llama()
+    policy = kp.snapkv(budget=64).with_trigger(prefill=True, decode_every=8)
+    _, state = generate(lm, prompt(4, 40), policy, shape, max_new_tokens=40)
+    counts = [int(valid[0].sum(dim=1).max()) for valid in state.valid]
+    assert max(counts) <= 64 + 8 and min(counts) >= 64  # compressed to 64, not to the 40-token prompt
+    late = kp.snapkv(budget=64).with_trigger(prefill=False, decode_every=8)
+    _, exact = generate(lm, prompt(5, 200), late, shape, max_new_tokens=4)
+    assert int(exact.valid[0][0].sum(dim=1).max()) == 200 + 3  # no check yet: the prompt is whole
+    _, later = generate(lm, prompt(5, 200), late, shape, max_new_tokens=12)
+    assert int(later.valid[0][0].sum(dim=1).max()) <= 64 + 8
+
+
+def test_rkv_holds_a_long_generation_near_its_budget():
+    lm, tok, shape = tiny_llama()
+    policy = kp.rkv(budget=64, every=16)
+    _, state = generate(lm, prompt(6, 100), policy, shape, max_new_tokens=70)
+    for valid in state.valid:
+        assert int(valid[0].sum(dim=1).max()) <= 64 + 16

@@ -234,3 +234,41 @@ def test_accumulated_attention_sums_over_chunks():
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="queries but only"):
         attention.accumulated_attention(q, k[:, :10], n_rep=2)
+
+
+def test_redundancy_counts_duplicates_but_not_their_most_recent_copy():
+    """R-KV's redundancy by hand: keys 0 and 2 are the same direction, 1 and 3
+    orthogonal to everything. Row 0's most recent similar key is 2, the kept
+    copy: not counted, so row 0 scores like the lone keys; row 2's most
+    recent similar key is 0 (the only one): not counted either. A third copy
+    (key 4) makes 0, 2 and 4 each count one duplicate."""
+    e = torch.eye(4)
+    keys = torch.stack([e[0], e[1], 2 * e[0], e[2], e[3]])[None]  # [1, 5, 4]: 0 and 2 alike
+    from kvpolicy.exec.reference.scores import redundancy_term
+
+    r = redundancy_term(ir.Redundancy(), keys)
+    assert torch.allclose(r, torch.full((1, 5), 0.2))  # every duplicate's one copy is the kept one
+    keys3 = torch.stack([e[0], e[1], 2 * e[0], e[2], 3 * e[0]])[None]  # 0, 2, 4 alike
+    r3 = redundancy_term(ir.Redundancy(), keys3)
+    mean = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0]]) / 5  # each counts one of its two copies
+    assert torch.allclose(r3, mean.softmax(dim=-1))
+    assert r3[0, 0] > r3[0, 1]
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_redundancy_block_by_block_equals_the_whole_matrix(block):
+    from kvpolicy.exec.reference.scores import redundancy_term
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 40, 8, generator=g)
+    keys[:, 20:30] = keys[:, 0:10] + 0.05 * torch.randn(2, 10, 8, generator=g)  # near-copies
+    k = keys / (keys.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = k @ k.transpose(1, 2)
+    sim.diagonal(dim1=1, dim2=2).zero_()
+    for h in range(2):
+        for j in range(40):
+            similar = (sim[h, j] > 0.5).nonzero()
+            if similar.numel():
+                sim[h, j, int(similar.max())] = 0.0
+    expected = (sim.sum(dim=-1) / 40).softmax(dim=-1)
+    assert torch.allclose(redundancy_term(ir.Redundancy(), keys, block=block), expected, atol=1e-6)

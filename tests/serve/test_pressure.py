@@ -24,8 +24,10 @@ from .conftest import PRESSURE_POOL
 from .helpers import LISBON, assert_healthy, assert_packed, chat_ids, hay
 
 
-def kinds(events):
-    return [e["event"] for e in events]
+def kinds(events, steps=("capture", "compressed", "not_compressed", "released")):
+    """The request's steps through prefill compression and release (a decode
+    trigger's ``decode_trigger`` / ``recompressed`` events left out)."""
+    return [e["event"] for e in events if e["event"] in steps]
 
 
 # -- aborts ----------------------------------------------------------------------------
@@ -123,15 +125,17 @@ def test_cancel_a_compressed_request(pressure_server, tokenizer, phase, policy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["snapkv", "compresskv"])
+@pytest.mark.parametrize("policy", ["snapkv", "compresskv", "rkv"])
 def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, model_dir, policy):
     """A 1024-slot pool: two exact requests (A, B) and a compressed one (C)
     decode until the pool is full. SGLang evicts the radix tree, then
     retracts the request with the fewest tokens out: C. C is prefilled again
     (prompt + the tokens it had) and compressed again from scratch, and its
     tokens before and after equal the transformers path's, compressed the
-    same way at each point. C runs SnapKV (the rank-slot layout) or
-    CompressKV (per-layer budgets, the row layout)."""
+    same way at each point. C runs SnapKV (the rank-slot layout),
+    CompressKV (per-layer budgets, the row layout) or R-KV (a decode trigger:
+    recompressed every 128 decoded tokens; its window and counts start again
+    with the rebuilt prompt)."""
     from kvpolicy.hf import generate as hf
     from kvpolicy.hf.models import load_model
 
@@ -167,20 +171,21 @@ def test_retracted_compressed_request_is_rebuilt(pressure_server, tokenizer, mod
     c_reply = replies[2]
     assert c_reply["meta_info"]["num_retractions"] >= 1, c_reply["meta_info"]
     events = server.events(c_rid)
-    assert kinds(events)[:3] == ["capture", "compressed", "released"], events
-    assert not events[2]["finished"] and events[2]["compressed"]  # retracted while compressed
+    steps = [e for e in events if e["event"] in ("capture", "compressed", "released")]
+    assert kinds(steps)[:3] == ["capture", "compressed", "released"], events
+    assert not steps[2]["finished"] and steps[2]["compressed"]  # retracted while compressed
     last_capture = [e for e in events if e["event"] == "capture"][-1]
-    assert kinds(events)[-3:] == ["capture", "compressed", "released"] and events[-1]["finished"], events
+    assert kinds(steps)[-3:] == ["capture", "compressed", "released"] and steps[-1]["finished"], events
     t_r = last_capture["prompt_tokens"] - len(c_ids)  # tokens it had when last retracted
     assert 0 < t_r < 300
     chosen = load(policy).with_budget("64")
-    assert events[-2]["prompt_tokens"] == len(c_ids) + t_r
-    assert_packed(events[-2], chosen, len(c_ids) + t_r)
+    assert steps[-2]["prompt_tokens"] == len(c_ids) + t_r
+    assert_packed(steps[-2], chosen, len(c_ids) + t_r)
     assert server.kv_state()["totals"]["compressed_retracted"] > retracted
 
     out = c_reply["output_ids"]
     lm, _, shape = load_model(str(model_dir))
-    k = min(16, events[2]["output_tokens"])
+    k = min(16, steps[2]["output_tokens"])
     before, _ = hf.generate(lm, torch.tensor([c_ids]), chosen, shape, max_new_tokens=k)
     assert out[:k] == before[0].tolist()
     k = min(16, 300 - t_r)

@@ -75,7 +75,7 @@ def test_full_policy_is_token_identical_to_a_server_without_policy(plain_server,
     assert_healthy(ems_server, tokenizer)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv", "compresskv", "h2o", "ems"])
+@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv", "compresskv", "h2o", "ems", "rkv"])
 def test_served_equals_the_transformers_path(ems_server, tokenizer, model_dir, policy):
     """Greedy tokens from the server equal ``hf.generate`` under the same
     policy: equal budgets (snapkv, the rank-slot layout), per-layer budgets
@@ -232,7 +232,8 @@ def test_no_slot_leaks_after_mixed_and_aborted_requests(ems_server, tokenizer):
     lengths = [60, 150, 300, 600, 1200]
     policies = [None, {"kv_policy": "snapkv"}, {"kv_policy": "full"}, {"kv_policy": "streamingllm"},
                 {"kv_policy": "h2o", "kv_budget": "20%"}, {"kv_policy": "compresskv"},
-                {"kv_policy": "adakv", "kv_budget": "15%"}, {"kv_policy": "pyramidkv", "kv_budget": "10%"}]
+                {"kv_policy": "adakv", "kv_budget": "15%"}, {"kv_policy": "pyramidkv", "kv_budget": "10%"},
+                {"kv_policy": "rolling"}]
     jobs = []
     for i in range(30):
         prompt = chat_ids(tokenizer, hay(tokenizer, lengths[i % 5], offset=1000 * i) + f"\n\nQuestion {i}: summarise.")
