@@ -103,6 +103,16 @@ def variable_budgets(policy: ir.Policy) -> str | None:
     return None
 
 
+def outside_graphs(policy: ir.Policy) -> str | None:
+    """Why ``policy``'s requests must decode outside CUDA graphs (whose
+    replays run no Python), or ``None``."""
+    if variable := variable_budgets(policy):
+        return f"{variable}: it is served in the row layout, whose decode attention runs outside SGLang's graphs"
+    if policy.selection is not None and policy.trigger.decode_every is not None:
+        return "its decode trigger keeps each decode step's queries, which a replayed graph never hands to the plugin"
+    return None
+
+
 def servable(policy: ir.Policy, cuda_graphs: bool = False) -> None:
     """Raise :class:`PolicyError` unless the pool path serves ``policy`` exactly.
 
@@ -123,8 +133,8 @@ def servable(policy: ir.Policy, cuda_graphs: bool = False) -> None:
     elif policy.trigger.decode_every is not None and (variable := variable_budgets(policy)):
         why = (f"it recompresses during decoding, and {variable}: decode-time recompression is served in the "
                "rank-slot layout only (every layer and KV head at one budget)")
-    elif cuda_graphs and (variable := variable_budgets(policy)):
-        why = (f"{variable}: such requests are decoded outside CUDA graphs, and this server replays them "
+    elif cuda_graphs and (outside := outside_graphs(policy)):
+        why = (f"{outside}; such requests are decoded outside CUDA graphs, and this server replays them "
                "(launch it with --disable-cuda-graph, or with this policy as --kv-policy)")
     if why:
         raise PolicyError(
@@ -208,12 +218,11 @@ def check_server_args(args, *policies: ir.Policy) -> list[str]:
     if problems:
         raise LaunchError("--kv-policy cannot be combined with: " + "; ".join(problems))
     changed = []
-    variable = [(p, why) for p in policies if (why := variable_budgets(p))]
-    if variable and cuda_graphs_on(args):
-        policy, why = variable[0]
+    outside = [(p, why) for p in policies if (why := outside_graphs(p))]
+    if outside and cuda_graphs_on(args):
+        policy, why = outside[0]
         args.disable_cuda_graph = True
-        changed.append(f"CUDA graphs disabled: '{policy.name}' is served in the row layout ({why}), whose decode "
-                       "attention runs outside SGLang's graphs")
+        changed.append(f"CUDA graphs disabled: '{policy.name}': {why}")
     return changed
 
 

@@ -115,6 +115,18 @@ def test_a_graph_replaying_server_refuses_row_layout_requests():
     assert launch.request_policy(launch.load("snapkv"), {"kv_policy": "h2o"}, cuda_graphs=True).name == "h2o"
 
 
+def test_a_graph_replaying_server_turns_graphs_off_for_a_decode_trigger():
+    """A decode trigger reads each decode step's queries in Python, which a
+    replayed CUDA graph skips: a launch policy with one turns graphs off; a
+    request naming one on a graph-replaying server gets a 400."""
+    with pytest.raises(Exception, match="disable-cuda-graph"):
+        launch.request_policy(launch.load("snapkv"), {"kv_policy": "rkv"}, cuda_graphs=True)
+    assert launch.request_policy(launch.load("snapkv"), {"kv_policy": "rkv"}).name == "rkv"
+    args = SimpleNamespace(page_size=1, disable_overlap_schedule=False, device="cuda", disable_cuda_graph=False)
+    changed = launch.check_server_args(args, launch.load("rkv"))
+    assert args.disable_cuda_graph is True and "decode trigger" in changed[0], changed
+
+
 def test_every_shipped_policy_is_servable():
     for name in launch.shipped_names():
         launch.servable(launch.load(name))
