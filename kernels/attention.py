@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from kvpolicy.exec.reference import attention as reference
-from kvpolicy.exec.reference.scores import pool_tokens
+from kvpolicy.exec.reference.scores import window_scores as reference_window_scores
 from kvpolicy.kernels import interpreted, require
 
 try:
@@ -414,15 +414,10 @@ def window_scores(queries: Tensor, keys: Tensor, n_rep: int, window: int | None 
 def window_scores_reference(queries: Tensor, keys: Tensor, n_rep: int, window: int | None = None,
                             scale: float | None = None, *, reduce: str = "sum", gqa: str = "mean",
                             pool=None) -> Tensor:
-    """:func:`window_scores` from the reference stages, composed as
-    :func:`kvpolicy.exec.reference.scores.local_term` does (pure torch)."""
+    """:func:`window_scores` from the reference stages
+    (:func:`kvpolicy.exec.reference.scores.window_scores`, pure torch)."""
     _check_reductions(reduce, gqa, pool)
-    probs = reference.window_attention(queries, keys, n_rep, window=window, scale=scale)  # [H, w, N]
-    raw = probs.sum(dim=1) if reduce == "sum" else probs.amax(dim=1)
-    prefix = keys.shape[1] - probs.shape[1]
-    pooled = torch.cat([pool_tokens(raw[:, :prefix], pool), raw[:, prefix:]], dim=1)
-    grouped = pooled.view(-1, n_rep, pooled.shape[-1])
-    return grouped.amax(dim=1) if gqa == "max" else grouped.mean(dim=1)
+    return reference_window_scores(queries, keys, n_rep, window, scale, reduce=reduce, gqa=gqa, pool=pool)
 
 
 # ---------------------------------------------------------------------------

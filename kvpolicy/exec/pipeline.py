@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kvpolicy.compile.compiler import Plan, plan, referenced_terms
 from kvpolicy.exec.reference import attention, merge, select
-from kvpolicy.exec.reference.scores import LayerInputs, ScoreContext, evaluate_all
+from kvpolicy.exec.reference.scores import LayerInputs, ScoreContext, evaluate_all, window_scores
 from kvpolicy.lang import ir
 from kvpolicy.lang.budgets import ModelShape, policy_artifact
 from kvpolicy.lang.errors import PolicyError
@@ -34,13 +34,14 @@ class Backend:
     accumulated_attention: Callable[..., Tensor]
     attention_with_column_sums: Callable[..., tuple[Tensor | None, Tensor]]
     window_attention: Callable[..., Tensor]
+    window_scores: Callable[..., Tensor]
     pick: Callable[..., select.Picks]
     classify: Callable[..., merge.Classes]
     scatter: Callable[..., tuple[Tensor, Tensor]]
 
 
 REFERENCE = Backend("reference", attention.accumulated_attention, attention.attention_with_column_sums,
-                    attention.window_attention,
+                    attention.window_attention, window_scores,
                     select.pick, merge.classify, merge.scatter)
 
 
@@ -51,7 +52,7 @@ def triton_backend() -> Backend:
     from kvpolicy.kernels import select as k_select
 
     return Backend("triton", k_attention.accumulated_attention, k_attention.attention_with_column_sums,
-                   k_attention.window_attention,
+                   k_attention.window_attention, k_attention.window_scores,
                    k_select.pick, k_merge.classify, k_merge.scatter)
 
 
@@ -144,7 +145,7 @@ class Pipeline:
         candidates = ~protected
         ctx = ScoreContext(inputs, self.plan.shape.group_size, candidates,
                            {h: per_layer[layer] for h, per_layer in self.retrieval.items()},
-                           backend.window_attention)
+                           backend.window_attention, backend.window_scores)
         score = evaluate_all(self.policy, ctx)[sel.keep.score]
         c = B - int(protected.sum())
         picks = backend.pick(sel, score, candidates, c)

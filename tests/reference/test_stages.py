@@ -272,3 +272,29 @@ def test_redundancy_block_by_block_equals_the_whole_matrix(block):
                 sim[h, j, int(similar.max())] = 0.0
     expected = (sim.sum(dim=-1) / 40).softmax(dim=-1)
     assert torch.allclose(redundancy_term(ir.Redundancy(), keys, block=block), expected, atol=1e-6)
+
+
+def test_local_over_all_heads_runs_the_backends_window_scores():
+    """``local()`` over all heads is one call of the backend's
+    ``window_scores`` (the Triton kernel on CUDA); retrieval heads vote from
+    the window attention's rows instead."""
+    import dataclasses
+
+    from kvpolicy.exec.pipeline import REFERENCE
+    from kvpolicy.exec.reference.scores import window_scores
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return window_scores(*args, **kwargs)
+
+    backend = dataclasses.replace(REFERENCE, window_scores=spy)
+    shape, N = ModelShape(2, 2, 4), 150
+    g = torch.Generator().manual_seed(5)
+    inputs = LayerInputs(torch.randn(2, N, 16, generator=g), torch.randn(2, N, 16, generator=g),
+                         torch.randn(4, 32, 16, generator=g))
+    spied = compile_pipeline(kp.snapkv(budget=48), shape, N, backend=backend).compress(0, inputs)
+    plain = compile_pipeline(kp.snapkv(budget=48), shape, N, backend=REFERENCE).compress(0, inputs)
+    assert len(calls) == 1 and calls[0]["pool"] == ir.Pool("avg", 5) and calls[0]["window"] == 32
+    assert torch.equal(spied.positions, plain.positions)

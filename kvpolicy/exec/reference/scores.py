@@ -51,6 +51,7 @@ class ScoreContext:
     # this layer's voting query heads for each retrieval-head set the policy uses
     retrieval_heads: dict[ir.RetrievalHeads, tuple[int, ...]] = field(default_factory=dict)
     window_attention: Callable[..., Tensor] = window_attention  # a backend may supply its own
+    window_scores: Callable[..., Tensor] | None = None  # local() over all heads in one call (default: window_scores)
     named: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -81,15 +82,37 @@ def to_kv_heads(per_query_head: Tensor, term, ctx: ScoreContext) -> Tensor:
     return grouped.amax(dim=1) if term.gqa == "max" else grouped.mean(dim=1)
 
 
+def window_scores(queries: Tensor, keys: Tensor, n_rep: int, window: int | None = None,
+                  scale: float | None = None, *, reduce: str = "sum", gqa: str = "mean",
+                  pool: ir.Pool | None = None) -> Tensor:
+    """``local()`` over all query heads, ``[H_kv, N]`` fp32: the window
+    attention summed (``reduce="max"``: max'd) over the window's queries
+    (SnapKV, arXiv 2404.14469 eq. 1), pooled along the tokens before the
+    window (eq. 2; the window's own tokens keep their raw values), reduced
+    over each GQA group. The reference of the Triton ``window_scores``
+    kernel, which computes it without the ``[H, w, N]`` probabilities."""
+    probs = window_attention(queries, keys, n_rep, window=window, scale=scale)  # [H, w, N]
+    raw = probs.sum(dim=1) if reduce == "sum" else probs.amax(dim=1)
+    prefix = keys.shape[1] - probs.shape[1]
+    pooled = torch.cat([pool_tokens(raw[:, :prefix], pool), raw[:, prefix:]], dim=1)
+    grouped = pooled.view(-1, n_rep, pooled.shape[-1])
+    return grouped.amax(dim=1) if gqa == "max" else grouped.mean(dim=1)
+
+
 def local_term(term: ir.LocalAttention, ctx: ScoreContext) -> Tensor:
     """SnapKV score: window attention summed over the window's queries, pooled
     over the tokens before the window (the window's own tokens keep their raw
-    sums; they are normally protected)."""
+    sums; they are normally protected). Over all heads, one call of the
+    backend's :func:`window_scores` (the Triton kernel on CUDA); retrieval
+    heads vote from the window attention's rows."""
     inp = ctx.inputs
     if inp.queries is None:
         raise ValueError("local() needs the window queries")
     N = inp.num_tokens
     w = min(term.window, N)
+    if isinstance(term.heads, ir.AllHeads):
+        return (ctx.window_scores or window_scores)(inp.queries, inp.keys, ctx.n_rep, window=w, gqa=term.gqa,
+                                                    pool=term.pool)
     raw = ctx.window_attention(inp.queries, inp.keys, ctx.n_rep, window=w).sum(dim=1)  # [H, N]
     prefix = N - w
     pooled = torch.cat([pool_tokens(raw[:, :prefix], term.pool), raw[:, prefix:]], dim=1)
