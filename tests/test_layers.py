@@ -127,3 +127,36 @@ def test_what_the_engine_side_never_loads():
         if loaded != "[]":
             problems[module] = loaded
     assert not problems, problems
+
+
+def test_the_plan_is_what_runs():
+    """The compiled plan carries the run: its budgets, window, retrieval
+    heads (read from the artifact at compile time) and the order of the steps
+    ``Pipeline.compress`` runs, which ``explain`` prints."""
+    import torch
+
+    from kvpolicy.compile.compiler import STEP_OF, explain, plan
+    from kvpolicy.exec.pipeline import Pipeline, compile_pipeline
+    from kvpolicy.exec.reference.scores import LayerInputs
+    from kvpolicy.lang.budgets import DEFAULT_MODEL
+    from kvpolicy.lang.registry import load
+
+    pl = plan(load("compresskv"), DEFAULT_MODEL, 1000)
+    assert pl.run_order == ("protect", "score", "allocate", "classify", "compact")
+    assert pl.window == 8 and not pl.needs_accumulated  # compresskv.kvp: local(window=8, heads=retrieval(...))
+    ((heads, per_layer),) = pl.retrieval
+    assert len(per_layer) == DEFAULT_MODEL.num_layers and len(per_layer[0]) == heads.top
+    assert "run: protect -> score -> allocate -> classify -> compact (aggregate in score)" in explain(pl)
+    assert set(STEP_OF.values()) - {None} == {name.lstrip("_") for name in vars(Pipeline) if name.lstrip("_") in
+                                              STEP_OF.values()}
+    # a step the plan leaves out does not run
+    pipe = compile_pipeline(load("snapkv").with_budget(48), DEFAULT_MODEL, 100)
+    ran = []
+    for step in pipe.plan.run_order:
+        original = getattr(Pipeline, f"_{step}")
+        setattr(pipe, f"_{step}", lambda run, backend, _f=original, _s=step: (ran.append(_s), _f(pipe, run, backend)))
+    g = torch.Generator().manual_seed(0)
+    inputs = LayerInputs(torch.randn(3, 100, 64, generator=g), torch.randn(3, 100, 64, generator=g),
+                         torch.randn(9, 32, 64, generator=g))
+    out = pipe.compress(0, inputs)
+    assert ran == list(pipe.plan.run_order) and out.counts.tolist() == [48, 48, 48]

@@ -17,10 +17,17 @@ from kvpolicy.dsl.formatter import expr as format_expr
 from kvpolicy.dsl.formatter import layers as format_layers
 from kvpolicy.dsl.formatter import selection as format_selection
 from kvpolicy.lang import ir
-from kvpolicy.lang.budgets import ModelShape, layer_budgets, pooled_head_floor
+from kvpolicy.lang.budgets import ModelShape, layer_budgets, policy_artifact, pooled_head_floor
 from kvpolicy.lang.errors import PolicyError
 
 STAGES = ("capture", "score", "aggregate", "protect", "allocate", "classify", "merge", "compact")
+
+
+#: The steps the executor runs, each a method of ``Pipeline`` (``kvpolicy.exec.pipeline``),
+#: and the step each stage of a plan is carried out by (``None``: before compression,
+#: by whoever captures the inputs).
+STEP_OF = {"capture": None, "protect": "protect", "score": "score", "aggregate": "score", "allocate": "allocate",
+           "classify": "classify", "merge": "classify", "compact": "compact"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,27 @@ class Plan:
     budget: int  # B: tokens per KV head per layer (mean), resolved
     layer_budgets: tuple[int, ...]
     stages: tuple[Stage, ...]
+    # per retrieval-head set the policy uses, each layer's voting query heads (the artifact, read at compile time)
+    retrieval: tuple[tuple[ir.RetrievalHeads, tuple[tuple[int, ...], ...]], ...] = ()
+
+    @property
+    def run_order(self) -> tuple[str, ...]:
+        """The executor's steps, in the order the plan's stages ask for them."""
+        steps = [STEP_OF[st.kind] for st in self.stages if STEP_OF[st.kind] is not None]
+        return tuple(dict.fromkeys(steps))
+
+    @property
+    def window(self) -> int:
+        """How many trailing prompt queries the capture must keep (0: none)."""
+        return max((t.window for t in referenced_terms(self.policy) if isinstance(t, ir.LocalAttention)), default=0)
+
+    @property
+    def needs_accumulated(self) -> bool:
+        """Whether the capture must accumulate attention over every prompt query (``global()``)."""
+        return any(isinstance(t, ir.GlobalAttention) for t in referenced_terms(self.policy))
+
+    def retrieval_heads(self, layer: int) -> dict[ir.RetrievalHeads, tuple[int, ...]]:
+        return {heads: per_layer[layer] for heads, per_layer in self.retrieval}
 
     @property
     def compresses(self) -> bool:
@@ -121,7 +149,26 @@ def plan(policy: ir.Policy, shape: ModelShape, prompt_len: int, *, base_dir: Pat
                 f"window ({max(windows)} queries); raise the budget (or its floor) or shrink the window",
                 file=policy.source,
             )
-    return Plan(policy, shape, prompt_len, B, budgets, tuple(_stages(policy, shape, prompt_len)))
+    retrieval = {}
+    for t in referenced_terms(policy):
+        heads = getattr(t, "heads", None)
+        if isinstance(heads, ir.RetrievalHeads) and heads not in retrieval:
+            retrieval[heads] = tuple(retrieval_heads(policy, heads, shape, base_dir))
+    return Plan(policy, shape, prompt_len, B, budgets, tuple(_stages(policy, shape, prompt_len)),
+                tuple(retrieval.items()))
+
+
+def retrieval_heads(policy: ir.Policy, heads: ir.RetrievalHeads, shape: ModelShape,
+                    base_dir: Path | None = None) -> list[tuple[int, ...]]:
+    """Per layer, the ``top`` best query heads of the heads artifact."""
+    data = policy_artifact(policy, heads.artifact, "retrieval_heads", shape, base_dir)
+    if data["num_heads"] != shape.num_q_heads:
+        raise PolicyError(f"the heads artifact scores {data['num_heads']} query heads per layer, "
+                          f"the model has {shape.num_q_heads}", file=policy.source)
+    if heads.top > shape.num_q_heads:
+        raise PolicyError(f"retrieval(top={heads.top}) but layers have {shape.num_q_heads} query heads",
+                          file=policy.source)
+    return [tuple(row[: heads.top]) for row in data["ranked"]]
 
 
 def _stages(p: ir.Policy, shape: ModelShape, T: int) -> list[Stage]:
@@ -141,6 +188,9 @@ def _stages(p: ir.Policy, shape: ModelShape, T: int) -> list[Stage]:
     if any(isinstance(t, ir.Redundancy) for t in terms):
         needs.append("key-key cosine similarities per head, block by block")
     stages = [Stage("capture", "; ".join(needs) or "nothing beyond the cache")]
+    pr = p.protect
+    stages.append(Stage("protect", f"sink {pr.sink}, recent {pr.recent}: always kept, counted in the budget; "
+                                   "scores and their statistics cover the other tokens"))
     stages.append(Stage("score", "; ".join(f"{d.name} = {format_expr(d.expr)}" for d in p.scores)))
 
     retrieval = [t.heads for t in terms if isinstance(getattr(t, "heads", None), ir.RetrievalHeads)]
@@ -154,8 +204,6 @@ def _stages(p: ir.Policy, shape: ModelShape, T: int) -> list[Stage]:
     if pools:
         agg += f"; pool along tokens with {', '.join(pools)}"
     stages.append(Stage("aggregate", agg))
-    pr = p.protect
-    stages.append(Stage("protect", f"sink {pr.sink}, recent {pr.recent}: always kept, counted in the budget"))
 
     sel = p.selection
     unit = {
@@ -204,6 +252,10 @@ def explain(pl: Plan) -> str:
     out.append("stages (run per layer):")
     for i, st in enumerate(pl.stages, 1):
         out.append(f"  {i}. {st.kind:<9} {st.summary}")
+    if pl.run_order:
+        folded = [f"{st.kind} in {STEP_OF[st.kind]}" for st in pl.stages
+                  if STEP_OF[st.kind] is not None and STEP_OF[st.kind] != st.kind]
+        out.append(f"  run: {' -> '.join(pl.run_order)}" + (f" ({', '.join(folded)})" if folded else ""))
     out.append("")
     out.append("layer budgets (tokens kept per KV head):")
     out.append("  layer  budget  per head")

@@ -1,9 +1,11 @@
 """Policy -> executable per-layer pipeline (ARCHITECTURE.md § Execution).
 
 :func:`compile_pipeline` does the per-request work once (``plan()``): layer
-budgets, retrieval heads per layer, the protected set. :meth:`Pipeline.compress`
-runs one layer (``run()``): score -> aggregate -> protect -> allocate ->
-classify -> merge -> compact, each stage from the pipeline's :class:`Backend`.
+budgets, the retrieval heads of each layer (artifacts read there), the
+stages and the order of the steps that run them. :meth:`Pipeline.compress`
+runs one layer: the plan's ``run_order`` (protect -> score -> allocate ->
+classify -> compact; aggregate is part of score, merge of classify), each
+step with the pipeline's :class:`Backend`.
 The reference backend is pure torch and exact; the Triton backend
 (:mod:`kvpolicy.kernels`) provides the same signatures and is picked for CUDA
 tensors.
@@ -18,12 +20,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kvpolicy.compile.compiler import Plan, plan, referenced_terms
+from kvpolicy.compile.compiler import Plan, plan
 from kvpolicy.exec.reference import attention, merge, select
 from kvpolicy.exec.reference.scores import LayerInputs, ScoreContext, evaluate_all, window_scores
 from kvpolicy.lang import ir
-from kvpolicy.lang.budgets import ModelShape, policy_artifact
-from kvpolicy.lang.errors import PolicyError
+from kvpolicy.lang.budgets import ModelShape
 
 
 @dataclass(frozen=True)
@@ -101,21 +102,44 @@ class CompressedLayer:
 
 
 @dataclass
+class LayerRun:
+    """One layer's compression while its steps run (:meth:`Pipeline.compress`)."""
+
+    inputs: LayerInputs
+    layer: int
+    budget: int  # B: tokens kept per KV head, protected ones included
+    protected: Tensor | None = None  # [N] bool
+    candidates: Tensor | None = None  # [N] bool, scored and selectable
+    score: Tensor | None = None  # [H_kv, N] fp32, the selection's score
+    kept: Tensor | None = None  # [H_kv, N] bool, centres and protected tokens
+    centres: Tensor | None = None  # [H_kv, N] bool, chosen by the score
+    classes: merge.Classes | None = None
+    out: CompressedLayer | None = None
+
+
+@dataclass
 class Pipeline:
+    """A compiled plan and the back end that runs it: :meth:`compress` runs
+    the plan's steps (:attr:`kvpolicy.compile.compiler.Plan.run_order`), each a
+    method below, on one layer."""
+
     policy: ir.Policy
     plan: Plan
-    retrieval: dict[ir.RetrievalHeads, list[tuple[int, ...]]]  # per layer voting query heads
     backend: Backend | None = None  # None: chosen per call by the tensors' device (backend_for)
 
     @property
     def window(self) -> int:
         """How many trailing prompt queries the capture must keep (0: none)."""
-        ws = [t.window for t in referenced_terms(self.policy) if isinstance(t, ir.LocalAttention)]
-        return max(ws, default=0)
+        return self.plan.window
 
     @property
     def needs_accumulated(self) -> bool:
-        return any(isinstance(t, ir.GlobalAttention) for t in referenced_terms(self.policy))
+        return self.plan.needs_accumulated
+
+    @property
+    def retrieval(self) -> dict[ir.RetrievalHeads, tuple[tuple[int, ...], ...]]:
+        """Per retrieval-head set, each layer's voting query heads (resolved at compile time)."""
+        return dict(self.plan.retrieval)
 
     def capture(self, queries: Tensor, keys: Tensor, values: Tensor) -> LayerInputs:
         """The inputs of one layer from its full prompt queries ``[H, N, d]``."""
@@ -135,47 +159,48 @@ class Pipeline:
             raise ValueError(f"the pipeline was planned for {self.plan.prompt_len} tokens, got {N}")
         B = self.plan.layer_budgets[layer] if budget is None else max(budget, min(self.policy.protect.total, N))
         device = keys.device
-        sel = self.policy.selection
-        if sel is None or B >= N:
+        if self.policy.selection is None or B >= N:
             pos = torch.arange(N, device=device).expand(H_kv, N).contiguous()
             zeros = torch.zeros(H_kv, dtype=torch.long, device=device)
             return CompressedLayer(keys, values, pos, torch.full((H_kv,), N, device=device), zeros, zeros)
+        run = LayerRun(inputs, layer, B)
         backend = self.backend or backend_for(device)
-        protected = select.protected_mask(N, self.policy.protect, device)
-        candidates = ~protected
-        ctx = ScoreContext(inputs, self.plan.shape.group_size, candidates,
-                           {h: per_layer[layer] for h, per_layer in self.retrieval.items()},
-                           backend.window_attention, backend.window_scores)
-        score = evaluate_all(self.policy, ctx)[sel.keep.score]
-        c = B - int(protected.sum())
-        picks = backend.pick(sel, score, candidates, c)
-        centres = picks.mask(N)
-        kept = centres | protected[None, :]
-        classes = backend.classify(keys, values, score, kept, centres, sel.merge, protected)
-        k, v = backend.scatter(keys, values, classes)
-        return CompressedLayer(k, v, classes.kept_positions, kept.sum(dim=1), classes.merged, classes.evicted)
+        for step in self.plan.run_order:
+            getattr(self, f"_{step}")(run, backend)
+        return run.out
+
+    # -- the steps, in the plan's order (compiler.STEP_OF) ----------------------------
+
+    def _protect(self, run: LayerRun, backend: Backend) -> None:
+        run.protected = select.protected_mask(run.inputs.num_tokens, self.policy.protect, run.inputs.keys.device)
+        run.candidates = ~run.protected
+
+    def _score(self, run: LayerRun, backend: Backend) -> None:
+        """Every ``score`` of the policy, each term reduced to KV heads (the aggregate stage)."""
+        ctx = ScoreContext(run.inputs, self.plan.shape.group_size, run.candidates,
+                           self.plan.retrieval_heads(run.layer), backend.window_attention, backend.window_scores)
+        run.score = evaluate_all(self.policy, ctx)[self.policy.selection.keep.score]
+
+    def _allocate(self, run: LayerRun, backend: Backend) -> None:
+        c = run.budget - int(run.protected.sum())
+        picks = backend.pick(self.policy.selection, run.score, run.candidates, c)
+        run.centres = picks.mask(run.inputs.num_tokens)
+        run.kept = run.centres | run.protected[None, :]
+
+    def _classify(self, run: LayerRun, backend: Backend) -> None:
+        """Kept, merged (into their most similar kept token: the merge stage) or evicted."""
+        inp = run.inputs
+        run.classes = backend.classify(inp.keys, inp.values, run.score, run.kept, run.centres,
+                                       self.policy.selection.merge, run.protected)
+
+    def _compact(self, run: LayerRun, backend: Backend) -> None:
+        k, v = backend.scatter(run.inputs.keys, run.inputs.values, run.classes)
+        run.out = CompressedLayer(k, v, run.classes.kept_positions, run.kept.sum(dim=1), run.classes.merged,
+                                  run.classes.evicted)
 
 
 def compile_pipeline(policy: ir.Policy, shape: ModelShape, prompt_len: int, *,
                      base_dir: Path | None = None, backend: Backend | None = None) -> Pipeline:
-    """Plan ``policy`` for a model and prompt length; resolve its artifacts."""
-    pl = plan(policy, shape, prompt_len, base_dir=base_dir)
-    retrieval = {}
-    for t in referenced_terms(policy):
-        heads = getattr(t, "heads", None)
-        if isinstance(heads, ir.RetrievalHeads) and heads not in retrieval:
-            retrieval[heads] = retrieval_heads(policy, heads, shape, base_dir)
-    return Pipeline(policy, pl, retrieval, backend)
-
-
-def retrieval_heads(policy: ir.Policy, heads: ir.RetrievalHeads, shape: ModelShape,
-                    base_dir: Path | None = None) -> list[tuple[int, ...]]:
-    """Per layer, the ``top`` best query heads of the heads artifact."""
-    data = policy_artifact(policy, heads.artifact, "retrieval_heads", shape, base_dir)
-    if data["num_heads"] != shape.num_q_heads:
-        raise PolicyError(f"the heads artifact scores {data['num_heads']} query heads per layer, "
-                          f"the model has {shape.num_q_heads}", file=policy.source)
-    if heads.top > shape.num_q_heads:
-        raise PolicyError(f"retrieval(top={heads.top}) but layers have {shape.num_q_heads} query heads",
-                          file=policy.source)
-    return [tuple(row[: heads.top]) for row in data["ranked"]]
+    """Plan ``policy`` for a model and prompt length (its artifacts resolved
+    there); the pipeline runs that plan on ``backend``."""
+    return Pipeline(policy, plan(policy, shape, prompt_len, base_dir=base_dir), backend)
