@@ -17,9 +17,11 @@ other, each alone. For each it reports
 * throughput: generated tokens over the request's whole time (its ~1 s
   prefill included);
 * quality against the full-cache output: how many tokens agree before the
-  first difference, and the perplexity of the generated continuation under
-  the full-cache model (teacher-forced, the transformers path), beside the
-  full-cache output's own;
+  first difference, the share of positions with the same token (and, for
+  the trigger, with the prefill-only output), the share of distinct
+  4-grams (a looping generation scores low), and the perplexity of the
+  generated continuation under the full-cache model (teacher-forced, the
+  transformers path), beside the full-cache output's own;
 * the trigger's checks and recompressions (the server's events).
 
 Greedy, ``ignore_eos``. Writes ``bench/results/decode_trigger_<model>_<policy>.json``.
@@ -63,8 +65,8 @@ def run(server, ids: list[int], max_tokens: int, rid: str, policy: str) -> dict:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     sent = time.monotonic()
-    reply = server.generate(ids, max_tokens, rid=rid, custom_params={"kv_policy": policy}, ignore_eos=True,
-                            timeout=3600)
+    params = {"custom_params": {"kv_policy": policy}} if policy else {}  # None: the launch policy
+    reply = server.generate(ids, max_tokens, rid=rid, ignore_eos=True, timeout=3600, **params)
     end = time.monotonic()
     done.set()
     watcher.join()
@@ -73,7 +75,7 @@ def run(server, ids: list[int], max_tokens: int, rid: str, policy: str) -> dict:
     compressed = [e for e in events if e["event"] == "compressed"]
     checks = [e for e in events if e["event"] == "recompressed"]
     seconds = end - sent
-    return {"policy": policy, "output_ids": out, "tokens": len(out), "peak_slots_in_use": peak[0],
+    return {"policy": policy or "with_trigger", "output_ids": out, "tokens": len(out), "peak_slots_in_use": peak[0],
             "prompt_slots_kept": compressed[0]["slots_kept"] if compressed else len(ids),
             "recompressions": len(checks), "most_slots_at_a_check": max((e["held"] for e in checks), default=None),
             "compression_seconds": sum(e.get("seconds", 0.0) for e in compressed + checks),
@@ -98,6 +100,17 @@ def continuation_ppl(model_dir: str, ids: list[int], out: list[int]) -> float:
         logits = lm(input_ids=seq).logits[0, len(ids) - 1:-1].float()
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(out), reduction="mean")
     return math.exp(float(nll))
+
+
+def distinct_ngrams(tokens: list[int], n: int = 4) -> float:
+    """Distinct ``n``-grams over all of them: 1.0 never repeats, near 0 loops."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def same_positions(a: list[int], b: list[int]) -> float:
+    """Share of positions where the two outputs hold the same token."""
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b), 1)
 
 
 def agreement(a: list[int], b: list[int]) -> int:
@@ -144,23 +157,28 @@ def main(argv=None) -> int:
                        extra=["--max-total-tokens", str(pool), "--kv-policy-dir", str(folder)])
     rows = []
     try:
-        for label, name in (("full cache", "full"), ("prefill only", "prefill_only"), ("with trigger", "with_trigger")):
+        for label, name in (("full cache", "full"), ("prefill only", "prefill_only"), ("with trigger", None)):
             print(f"[decode_trigger] {label}: {args.max_tokens} tokens ...", flush=True)
-            rows.append({"label": label, **run(server, ids, args.max_tokens, f"dt-{name}", name)})
+            rows.append({"label": label, **run(server, ids, args.max_tokens, f"dt-{name or 'trigger'}", name)})
     finally:
         server.stop()
-    full = rows[0]["output_ids"]
+    full, prefill_only = rows[0]["output_ids"], rows[1]["output_ids"]
     for r in rows:
         r["agree_before_first_difference"] = agreement(r["output_ids"], full)
+        r["same_tokens_as_full"] = same_positions(r["output_ids"], full)
+        r["same_tokens_as_prefill_only"] = same_positions(r["output_ids"], prefill_only)
+        r["distinct_4grams"] = distinct_ngrams(r["output_ids"])
         r["continuation_ppl_under_full_model"] = continuation_ppl(model, ids, r["output_ids"])
 
     print(f"\n{args.policy} at {args.budget}, every {args.every} tokens; prompt {len(ids)} tokens, "
           f"{args.max_tokens} new (greedy, ignore_eos)")
-    head = ["peak slots", "prompt kept", "tok/s", "agree", "ppl (full)", "recompressions"]
+    head = ["peak slots", "prompt kept", "tok/s", "agree", "same as full", "distinct 4g", "ppl (full)",
+            "recompressions"]
     print(f"{'':16s}" + "".join(f"{h:>16s}" for h in head))
     for r in rows:
         cells = [r["peak_slots_in_use"], r["prompt_slots_kept"], r["tokens_per_s"], r["agree_before_first_difference"],
-                 r["continuation_ppl_under_full_model"], r["recompressions"]]
+                 r["same_tokens_as_full"], r["distinct_4grams"], r["continuation_ppl_under_full_model"],
+                 r["recompressions"]]
         print(f"{r['label']:16s}" + "".join(f"{c:>16.2f}" if isinstance(c, float) else f"{c:>16d}" for c in cells))
     ratios = {r["label"]: {"peak_slots_in_use": r["peak_slots_in_use"] / rows[0]["peak_slots_in_use"],
                            "tokens_per_s": r["tokens_per_s"] / rows[0]["tokens_per_s"]} for r in rows[1:]}
