@@ -57,10 +57,11 @@ def run(server, ids: list[int], max_tokens: int, rid: str, policy: str) -> dict:
     server.wait_idle()
     peak, done = [0], threading.Event()
 
-    def watch():
-        while not done.is_set():
+    def watch():  # samples the pool five times a second until the request ends (a measurement, not a phase)
+        while True:
             peak[0] = max(peak[0], in_use(server.kv_state()))
-            time.sleep(0.2)
+            if done.wait(0.2):
+                return
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

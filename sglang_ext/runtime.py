@@ -292,13 +292,8 @@ class Runtime:
         # Compress every layer first, then take B slots (pool.install): until
         # the slots are written nothing about the request has changed, so any
         # failure leaves it exact (and is logged), never half-compressed.
-        kept, counts = [], []
-        for lid in range(self.shape.num_layers):
-            keys, values = pool.read_prompt(kv, lid, old)
-            out = cap.pipeline.compress(lid, LayerInputs(keys, values, cap.queries[lid], cap.accumulated[lid]))
-            kept.append((out.keys, out.values))  # [H_kv, K, d], head h's first counts[h] valid
-            counts.append(out.counts)
-        counts = torch.stack(counts).cpu()  # [L, H_kv]
+        kept, counts = self._compress_layers(
+            kv, old, cap.pipeline, lambda lid, k, v: LayerInputs(k, v, cap.queries[lid], cap.accumulated[lid]))
         # Every layer and head keeping B tokens is the rank-slot layout, read by
         # SGLang's own attention; anything else packs into ceil(rows / (L * H_kv))
         # slots and is read through row lists (row_layout).
@@ -324,6 +319,20 @@ class Runtime:
                  rec.layout, _span(rec.rows_per_layer), rec.slots_freed, rec.slots_released_to_tree,
                  min(queries_seen, N), N, rec.seconds, rec.backend)
         return rec
+
+    def _compress_layers(self, kv, old: torch.Tensor, pipeline: Pipeline, inputs, budgets=None) -> tuple:
+        """Every layer's KV at slots ``old`` read back and compressed:
+        ``kept[l] = (keys, values)`` ``[H_kv, K, d]`` with head ``h``'s first
+        ``counts[l, h]`` valid, ``counts`` ``[L, H_kv]`` on the CPU.
+        ``inputs(l, keys, values)`` builds the layer's inputs; ``budgets``
+        overrides the planned layer budgets (a decode-time check)."""
+        kept, counts = [], []
+        for lid in range(self.shape.num_layers):
+            keys, values = pool.read_prompt(kv, lid, old)
+            out = pipeline.compress(lid, inputs(lid, keys, values), None if budgets is None else budgets[lid])
+            kept.append((out.keys, out.values))
+            counts.append(out.counts)
+        return kept, torch.stack(counts).cpu()
 
     # -- 2b. compress again during decoding ------------------------------------------
 
@@ -373,13 +382,8 @@ class Runtime:
         tree = processor.tree_cache
         kv = tree.token_to_kv_pool_allocator.get_kvcache()
         old = pool.request_slots(tree.req_to_token_pool, req.kv.req_pool_idx, 0, written).clone()
-        kept, counts = [], []
-        for lid in range(self.shape.num_layers):
-            keys, values = pool.read_prompt(kv, lid, old)
-            out = w.pipeline.compress(lid, LayerInputs(keys, values, w.queries(lid)), budget=budgets[lid])
-            kept.append((out.keys, out.values))
-            counts.append(out.counts)
-        counts = torch.stack(counts).cpu()
+        kept, counts = self._compress_layers(kv, old, w.pipeline,
+                                             lambda lid, k, v: LayerInputs(k, v, w.queries(lid)), budgets)
         done = pool.install(tree, batch, i, req, old, kept, counts, self.pool_slots, self._running_row(req),
                             bool(prepared))
         B = done.slots.numel()
