@@ -6,12 +6,12 @@ Two ways in, per layer of a prefill forward (each chunk of a chunked prefill):
 
 * **One pass** (:meth:`CaptureBuffer.extend`, SGLang's ``torch_native``
   backend): for the rows of requests whose policy scores with ``global()``
-  the layer's attention is computed here instead of by SGLang, with the same
-  kernel SDPA runs on the CPU, which also gives each query's log-sum-exp; the
-  accumulated attention then costs one more ``QK^T`` and no second softmax
+  the layer's attention is computed here instead of by SGLang, with one
+  ``QK^T``, one softmax and one ``PV`` giving both the output and the
+  accumulated attention
   (:func:`kvpolicy.exec.reference.attention.attention_with_column_sums`).
-  The output is bit-identical to SGLang's; the batch's other rows run through
-  SGLang's own per-row attention.
+  The output equals SGLang's SDPA to fp32 rounding; the batch's other rows
+  run through SGLang's own per-row attention.
 * **After the layer** (:meth:`CaptureBuffer.on_attention`, every other
   backend, or a layer the one pass does not take): the layer's keys are read
   back from the pool and the chunk's share of the accumulated attention is

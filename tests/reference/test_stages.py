@@ -196,10 +196,10 @@ def test_pipeline_keeps_input_unchanged_when_budget_covers_prompt():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, H_kv, N, T", [(6, 2, 300, 300), (6, 2, 300, 77), (4, 4, 129, 1), (9, 3, 700, 700)])
 def test_the_one_pass_is_sdpa_and_its_column_sums(dtype, H, H_kv, N, T):
-    """On the CPU the prefill's one pass gives SDPA's own output, bit for bit
-    (what the model and SGLang's torch_native backend compute), for a whole
-    prompt and for a chunk that sees earlier keys; its accumulated attention
-    equals the softmax rows summed explicitly."""
+    """The prefill's one pass gives SDPA's output (what the model and SGLang's
+    torch_native backend compute) to fp32 rounding, for a whole prompt and for
+    a chunk that sees earlier keys, in tiles that do not divide the rows; its
+    accumulated attention equals the softmax rows summed explicitly."""
     torch.manual_seed(N + T)
     q, k, v = torch.randn(H, T, 16, dtype=dtype), torch.randn(H_kv, N, 16, dtype=dtype), torch.randn(H_kv, N, 16,
                                                                                                       dtype=dtype)
@@ -212,13 +212,32 @@ def test_the_one_pass_is_sdpa_and_its_column_sums(dtype, H, H_kv, N, T):
         padded[:, N - T:] = q
         sdpa = torch.nn.functional.scaled_dot_product_attention(padded[None], k[None], v[None], is_causal=True,
                                                                 enable_gqa=H != H_kv, scale=0.3)[0, :, N - T:]
-    assert out.dtype == torch.float32 and torch.equal(out.to(dtype), sdpa)
+    assert out.dtype == torch.float32
+    exact = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.to(dtype), sdpa, **exact)
     logits = torch.einsum("htd,hnd->htn", q.float(), k.float().repeat_interleave(H // H_kv, 0)) * 0.3
     future = torch.arange(N)[None, :] > torch.arange(N - T, N)[:, None]
     explicit = logits.masked_fill(future, float("-inf")).softmax(-1).sum(1)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(acc, explicit, **tol)
     assert torch.allclose(acc.sum(), torch.tensor(float(H * T)), rtol=1e-3)  # each row sums to one
+
+
+def test_the_one_pass_takes_kv_heads_a_few_at_a_time_when_a_tile_would_be_large(monkeypatch):
+    """Past ``TILE_ELEMENTS`` the KV heads are taken in groups: the same
+    output and column sums as all heads in one tile."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(8, 50, 16), torch.randn(4, 90, 16), torch.randn(4, 90, 16)
+    whole = attention.attention_with_column_sums(q, k, v, 2, block=16)
+    monkeypatch.setattr(attention, "TILE_ELEMENTS", 2 * 16 * 90 * 2)  # two KV heads a tile
+    grouped = attention.attention_with_column_sums(q, k, v, 2, block=16)
+    monkeypatch.setattr(attention, "TILE_ELEMENTS", 1)  # one KV head a tile
+    single = attention.attention_with_column_sums(q, k, v, 2, block=16)
+    for got in (grouped, single):
+        torch.testing.assert_close(got[0], whole[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], whole[1], rtol=1e-6, atol=1e-6)
+    empty_out, empty_acc = attention.attention_with_column_sums(q[:, :0], k, v, 2)
+    assert empty_out.shape == (8, 0, 16) and torch.equal(empty_acc, torch.zeros(8, 90))
 
 
 def test_accumulated_attention_sums_over_chunks():

@@ -42,7 +42,7 @@ def window_attention(queries: Tensor, keys: Tensor, n_rep: int, window: int | No
     return torch.softmax(logits, dim=-1)
 
 
-def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int = 256) -> Tensor:
+def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int = 32) -> Tensor:
     """``s[h, j] = sum_i softmax(q_i K^T / sqrt(d))[j]`` over all prompt queries
     ``i >= j`` (H2O's accumulated attention, arXiv 2306.14048 §3).
 
@@ -55,108 +55,75 @@ def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int 
     return attention_with_column_sums(queries, keys, None, n_rep, block=block)[1]
 
 
+# The most a tile of logits may hold (fp32 elements) before the KV heads are
+# taken a few at a time: 8M = 32 MB, e.g. 32 query heads x 32 rows x 8k keys.
+TILE_ELEMENTS = 1 << 23
+
+
 def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | None, n_rep: int,
-                               block: int = 256, scale: float | None = None) -> tuple[Tensor | None, Tensor]:
-    """Causal attention output ``[H, T, d]`` fp32 (when ``values`` are given)
-    and the accumulated attention ``[H, N]`` fp32 from the same softmax rows.
+                               block: int = 32, scale: float | None = None) -> tuple[Tensor | None, Tensor]:
+    """Causal attention output ``[H, T, d_v]`` fp32 (when ``values`` are given)
+    and the accumulated attention ``[H, N]`` fp32 from the same softmax rows:
+    one ``QK^T``, one softmax and one ``PV`` for both.
 
     ``queries [H, T, d]`` are the last ``T`` of the ``N`` positions the keys
     ``[H_kv, N, d]`` cover (``T = N`` for a whole prompt; ``T < N`` for one
     chunk of a chunked prefill, whose queries see the earlier chunks' keys),
     so the query at row ``i`` sits at position ``N - T + i``.
 
-    During a prefill this replaces the model's own attention call. On the CPU
-    the output and each row's log-sum-exp come from the kernel SDPA itself
-    runs there (so the output, cast back to the inputs' dtype, is
-    bit-identical to the model's attention), and
-    :func:`column_sums` adds the accumulated attention from that log-sum-exp
-    with one more ``QK^T`` and no softmax; the Triton kernel
-    (:func:`kvpolicy.kernels.attention.attention_with_column_sums`) has the
-    same two passes. Elsewhere, block by block in fp32, ``block`` queries at
-    a time, never ``N x N``.
+    During a prefill this replaces the model's own attention call (SGLang's
+    ``torch_native`` backend, the transformers path's attention function).
+    ``block`` queries at a time, in fp32, never ``N x N``: the ``n_rep`` query
+    heads of one KV head are stacked into one matrix of ``n_rep * block``
+    rows, so each tile is two batched matmuls over the keys it can see, a
+    softmax, and a sum over the rows; only the diagonal ``block x block`` of a
+    tile is masked. The output equals SDPA's to fp32 rounding, not bit for bit.
+
+    Measured on 2 CPU cores (SmolLM2-135M's 9 query / 3 KV heads, d = 64, 4096
+    tokens; ``bench/serve_prefill.py`` and ARCHITECTURE.md § The one pass):
+    0.21 s a layer at ``block = 32`` on contiguous inputs, 0.24 s from the
+    pool's layout (0.25 s at 64 or 128: the tile leaves the cache), against
+    0.15 s for SGLang's plain SDPA over the same rows and
+    0.30 s for SDPA's flash kernel with its log-sum-exp followed by a second
+    ``QK^T`` for the column sums (the one pass before this).
     """
     H, T, d = queries.shape
-    N = keys.shape[1]
+    H_kv, N = keys.shape[:2]
     if T > N:
         raise ValueError(f"{T} queries but only {N} keys")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if values is not None and T and _fused_cpu(queries, keys, values):
-        out, lse = causal_attention_lse(queries, keys, values, scale)
-        return out.float(), column_sums(queries, keys, lse, n_rep, scale, min(block, 128))
-    offset = N - T
-    k = expand_kv(keys, n_rep).float()
-    v = expand_kv(values, n_rep).float() if values is not None else None
-    acc = torch.zeros(H, N, dtype=torch.float32, device=keys.device)
-    out = torch.empty(H, T, v.shape[-1], dtype=torch.float32, device=keys.device) if v is not None else None
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        visible = offset + stop
-        q = queries[:, start:stop].float()
-        logits = torch.einsum("hbd,hnd->hbn", q, k[:, :visible]) * scale
-        q_pos = torch.arange(offset + start, visible, device=keys.device)[:, None]
-        logits = logits.masked_fill(torch.arange(visible, device=keys.device)[None, :] > q_pos, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        acc[:, :visible] += probs.sum(dim=1)
-        if out is not None:
-            out[:, start:stop] = probs @ v[:, :visible]
-    return out, acc
-
-
-def _fused_cpu(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
-    """Whether SDPA's CPU flash kernel (with its log-sum-exp) takes these tensors."""
-    return (queries.device.type == keys.device.type == values.device.type == "cpu"
-            and queries.dtype == keys.dtype == values.dtype
-            and queries.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and values.shape[-1] == queries.shape[-1]
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
-
-
-def causal_attention_lse(queries: Tensor, keys: Tensor, values: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """SDPA's CPU flash kernel: the causal output ``[H, T, d]`` (in the
-    queries' dtype) and each query's log-sum-exp ``[H, T]`` fp32 of its
-    scaled logits. The kernel aligns the causal mask top-left, so a chunk
-    (``T < N``) is run as SGLang's ``torch_native`` backend runs it: its
-    queries placed at the end of an ``N``-row block, the rows before unused."""
-    H, T, d = queries.shape
-    N = keys.shape[1]
-    q = queries
-    if T < N:
-        q = queries.new_zeros(H, N, d)
-        q[:, N - T:] = queries
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q[None], keys[None], values[None], 0.0, True, scale=scale)[:2]
-    return out[0, :, N - T:], lse[0, :, N - T:]
-
-
-def column_sums(queries: Tensor, keys: Tensor, lse: Tensor, n_rep: int, scale: float, block: int = 128,
-                key_block: int = 512) -> Tensor:
-    """``s[h, j] = sum_i exp(scale * q_i . k_j - lse_i)`` over the causal rows
-    ``i >= j``: the accumulated attention given each row's log-sum-exp
-    ``lse [H, T]`` (from the attention pass). ``queries [H, T, d]`` are the
-    last ``T`` of the ``N`` key positions. The query heads of one KV head are
-    taken together (no repeated keys), in tiles of ``block`` rows by
-    ``key_block`` keys, fp32: on 2 CPU cores at 4k tokens the tiles cost
-    0.13 s a layer against 0.20 s for whole rows of keys (small enough to
-    stay in cache; measured with SmolLM2's 9 query / 3 KV heads, d = 64)."""
-    H, T, d = queries.shape
-    H_kv, N = keys.shape[:2]
-    offset = N - T
-    keys_t = keys.float().transpose(1, 2)
-    acc = torch.zeros(H_kv, n_rep, N, dtype=torch.float32, device=keys.device)
-    for start in range(0, T, block):
-        stop = min(start + block, T)
-        b, first = stop - start, offset + start  # rows, the position of the first
-        q = queries[:, start:stop].float().reshape(H_kv, n_rep * b, d)
-        shift = lse[:, start:stop].float().reshape(H_kv, n_rep * b, 1)
-        for k0 in range(0, first + b, key_block):
-            k1 = min(k0 + key_block, first + b)
-            logits = torch.baddbmm(shift, q, keys_t[:, :, k0:k1], beta=-1.0, alpha=scale).view(H_kv, n_rep, b, k1 - k0)
-            if k1 > first + 1:  # the tile crosses the diagonal
-                future = (torch.arange(k0, k1, device=keys.device)[None, :]
-                          > torch.arange(first, first + b, device=keys.device)[:, None])
-                logits.masked_fill_(future, float("-inf"))
-            acc[..., k0:k1] += logits.exp_().sum(dim=2)
-    return acc.reshape(H, N)
+    offset, device = N - T, keys.device
+    q = (queries.float() * scale).contiguous().view(H_kv, n_rep, T, d)  # the scale folded into the queries
+    # one copy into [H_kv, N, d] rows: the pool's gather gives [N, H_kv, d]
+    # transposed, and a batched matmul over strided heads copies it each tile
+    # (2x the time of the whole pass, measured in the server)
+    keys_t = keys.float().contiguous().transpose(1, 2)  # [H_kv, d, N]
+    v = values.float().contiguous() if values is not None else None
+    acc = torch.zeros(H_kv, n_rep, N, dtype=torch.float32, device=device)
+    out = torch.empty(H_kv, n_rep, T, v.shape[-1], dtype=torch.float32, device=device) if v is not None else None
+    if T == 0:
+        return (out.view(H, 0, v.shape[-1]) if out is not None else None), acc.view(H, N)
+    block = max(1, min(block, T))
+    group = max(1, min(H_kv, TILE_ELEMENTS // (n_rep * block * N)))  # KV heads per tile
+    logits_buf = torch.empty(group * n_rep * block * N, dtype=torch.float32, device=device)
+    probs_buf = torch.empty_like(logits_buf)
+    future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
+    for g0 in range(0, H_kv, group):
+        g1 = min(g0 + group, H_kv)
+        g = g1 - g0
+        for start in range(0, T, block):
+            stop = min(start + block, T)
+            b, visible = stop - start, offset + stop
+            rows = g * n_rep * b
+            logits = logits_buf[:rows * visible].view(g, n_rep * b, visible)
+            torch.bmm(q[g0:g1, :, start:stop].reshape(g, n_rep * b, d), keys_t[g0:g1, :, :visible], out=logits)
+            logits.view(g, n_rep, b, visible)[..., offset + start:visible].masked_fill_(future[:b, :b], float("-inf"))
+            probs = probs_buf[:rows * visible].view(g, n_rep * b, visible)
+            torch.softmax(logits, dim=-1, out=probs)
+            acc[g0:g1, :, :visible] += probs.view(g, n_rep, b, visible).sum(dim=2)
+            if out is not None:
+                out[g0:g1, :, start:stop] = torch.bmm(probs, v[g0:g1, :visible]).view(g, n_rep, b, -1)
+    return (out.view(H, T, v.shape[-1]) if out is not None else None), acc.view(H, N)
 
 
 def split_decode_attention(queries: Tensor, keys: Tensor, values: Tensor, kept: Tensor, split: Tensor,

@@ -29,7 +29,6 @@ EMS has no public code; the choices below are ours, each with its reason.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -82,10 +81,12 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
         C = int(centres.sum(dim=1).max())
         centre_pos = torch.sort(torch.where(centres, cols, N), dim=1).values[:, :C]  # padded with N
         valid_centre = centre_pos < N
-        sim = math.prod(
-            _similarity(x, x.gather(1, centre_pos.clamp_max(N - 1)[..., None].expand(H, C, x.shape[-1])), merge.metric)
-            for x in merge_vectors(keys, values, merge))
-        sim = sim.masked_fill(~valid_centre[:, None, :], float("-inf"))
+        sim = None  # [H, N, C]: the product over the merge vectors, in place (it is N x C per head)
+        for x in merge_vectors(keys, values, merge):
+            part = _similarity(x, x.gather(1, centre_pos.clamp_max(N - 1)[..., None].expand(H, C, x.shape[-1])),
+                               merge.metric)
+            sim = part if sim is None else sim.mul_(part)
+        sim.masked_fill_(~valid_centre[:, None, :], float("-inf"))
         best_sim, best = sim.max(dim=-1)  # [H, N]
         # l2 similarity is the negated distance: distance < t  <=>  -distance > -t.
         # A head without centres has best_sim = -inf and merges nothing.
