@@ -13,6 +13,11 @@ they appear next to SGLang's ``sglang:*`` metrics with no extra endpoint:
 * ``kvpolicy:slots_released_to_tree_total{policy}`` -- uncompressed slots left in the radix tree as evictable cache
 * ``kvpolicy:compression_seconds{policy}`` -- a histogram, per compressed request
 * ``kvpolicy:requests_left_exact_total{reason}`` -- requests served with their exact KV, and why
+* ``kvpolicy:decode_compressions_total{policy}`` -- recompressions by a decode trigger
+  (``trigger prefill, every N tokens``), during decoding; a request whose prompt was
+  within budget is also counted once in ``requests_compressed_total``, at its first
+* ``kvpolicy:decode_slots_freed_total{policy}`` -- slots those gave back to the allocator
+* ``kvpolicy:decode_compression_seconds{policy}`` -- a histogram, per recompression
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ class Metrics:
         self.left_exact = Counter("kvpolicy:requests_left_exact", "Requests served with their exact KV, by reason",
                                   ["reason"])
 
+        self.decode_compressions = Counter("kvpolicy:decode_compressions",
+                                           "Recompressions by a decode trigger, during decoding", ["policy"])
+        self.decode_slots_freed = Counter("kvpolicy:decode_slots_freed",
+                                          "Slots recompressions during decoding gave back to the allocator",
+                                          ["policy"])
+        self.decode_seconds = Histogram("kvpolicy:decode_compression_seconds",
+                                        "Seconds of one recompression during decoding", ["policy"],
+                                        buckets=SECONDS_BUCKETS)
+
     def on_compressed(self, record) -> None:
         p = record.policy
         self.compressed.labels(p, record.layout).inc()
@@ -58,6 +72,11 @@ class Metrics:
         self.slots_freed.labels(p).inc(record.slots_freed)
         self.slots_released.labels(p).inc(record.slots_released_to_tree)
         self.seconds.labels(p).observe(record.seconds)
+
+    def on_recompressed(self, policy: str, slots_freed: int, seconds: float) -> None:
+        self.decode_compressions.labels(policy).inc()
+        self.decode_slots_freed.labels(policy).inc(slots_freed)
+        self.decode_seconds.labels(policy).observe(seconds)
 
     def on_left_exact(self, reason: str) -> None:
         if reason not in LEFT_EXACT:

@@ -404,6 +404,8 @@ class Runtime:
                          logical - B, seconds, done.skip_radix_cache_insert,
                          (w.pipeline.backend or backend_for(done.slots.device)).name, decode_compressions=1)
             self.ledger.compressed(req, rec, done.released_own_prompt)
+            if (m := metrics()) is not None:
+                m.on_compressed(rec)
         else:
             rec.slots_kept, rec.rows_per_layer, rec.position_offset = B, done.layout.rows_per_layer, logical - B
             rec.slots_freed += done.slots_freed
@@ -411,6 +413,8 @@ class Runtime:
             rec.seconds += seconds
             rec.decode_compressions += 1
         self.ledger.totals.recompressed(done.slots_freed, 0.0 if first else seconds)  # a first one: counted above
+        if (m := metrics()) is not None:
+            m.on_recompressed(w.policy.name, done.slots_freed, seconds)
         self.ledger.event(req.rid, "recompressed", written=written, held=written + prepared, slots_kept=B,
                           logical=logical, freed=done.slots_freed, released_to_tree=done.slots_released_to_tree,
                           first=first, prepared=bool(prepared), output_tokens=len(req.output_ids),

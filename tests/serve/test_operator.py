@@ -55,6 +55,27 @@ def test_metrics_count_compressed_and_exact_requests(ems_server, tokenizer):
     assert_healthy(ems_server, tokenizer)
 
 
+def test_metrics_count_recompressions_during_decoding(ems_server, tokenizer):
+    """A decode trigger's recompressions (the folder's ``rolling``: 96 slots,
+    every 16 tokens) are counted as they happen, with the slots they freed
+    and their seconds, equal to the request's ``recompressed`` events."""
+    before = scrape(ems_server)
+    ids = chat_ids(tokenizer, hay(tokenizer, 300, offset=72000) + "\n\nWrite a long story about it.")
+    reply = ems_server.generate(ids, 64, rid="metrics-rolling", custom_params={"kv_policy": "rolling"},
+                                ignore_eos=True)
+    assert "text" in reply, reply
+    checks = [e for e in ems_server.events("metrics-rolling") if e["event"] == "recompressed"]
+    assert len(checks) >= 2, checks
+    grew = {k: v - before.get(k, 0.0) for k, v in scrape(ems_server).items()}
+    assert total(grew, 'kvpolicy:decode_compressions_total{policy="rolling"}') == len(checks)
+    assert total(grew, 'kvpolicy:decode_slots_freed_total{policy="rolling"}') == sum(e["freed"] for e in checks) > 0
+    assert total(grew, 'kvpolicy:decode_compression_seconds_count{policy="rolling"}') == len(checks)
+    assert total(grew, 'kvpolicy:decode_compression_seconds_sum{policy="rolling"}') == pytest.approx(
+        sum(e["seconds"] for e in checks), abs=1e-3 * len(checks))
+    assert total(grew, 'kvpolicy:requests_compressed_total{layout="rank-slot",policy="rolling"}') == 1  # at prefill
+    assert_healthy(ems_server, tokenizer)
+
+
 def test_requests_pick_policies_from_the_operators_folder(ems_server, tokenizer):
     ids = chat_ids(tokenizer, hay(tokenizer, 600, offset=71000) + "\n\nWhat is this text about?")
     for name in FOLDER_POLICIES:
