@@ -16,6 +16,8 @@ policies, ``--repeats`` times, medians taken:
 * ``compression_s``: the server's own time for the compression of the same
   prompt in a request for two tokens (the ``compressed`` event's
   ``seconds``);
+* ``one_pass_layers``: the layers whose ``global()`` came from the one
+  attention pass (the same event's; 0 for a policy without ``global()``);
 * ratios over ``full``: the prefill alone, and prefill + compression.
 
 Writes ``bench/results/serve_prefill_<model>_<length>.json``.
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     names = ["full", *args.policy]
     prefill = {n: [] for n in names}
     compression = {n: [] for n in names}
+    one_pass = {n: [] for n in names}  # layers whose global() came from the one attention pass
     print(f"starting the server ({len(ids)}-token prompt) ...", flush=True)
     server = srv.start(model, log_dir / "serve_prefill.log", policy=str(launch), extra=flags)
     try:
@@ -79,12 +82,15 @@ def main(argv=None) -> int:
                 server.flush_cache()
                 rid = f"prefill-{name}-{rep}"
                 server.generate(ids, 2, rid=rid, custom_params=custom)
-                seconds = [e["seconds"] for e in server.events(rid) if e["event"] == "compressed"]
+                events = [e for e in server.events(rid) if e["event"] == "compressed"]
+                seconds = events[0]["seconds"] if events else 0.0
+                layers = events[0].get("one_pass_layers", 0) if events else 0
                 if rep:
                     prefill[name].append(took)
-                    compression[name].append(seconds[0] if seconds else 0.0)
-                print(f"  round {rep} {name:8s} prefill {took:6.2f}s  compression "
-                      f"{(seconds or [0.0])[0]:5.2f}s" + ("" if rep else "  (warm-up)"), flush=True)
+                    compression[name].append(seconds)
+                    one_pass[name].append(layers)
+                print(f"  round {rep} {name:8s} prefill {took:6.2f}s  compression {seconds:5.2f}s  "
+                      f"one-pass layers {layers:3d}" + ("" if rep else "  (warm-up)"), flush=True)
     finally:
         server.stop()
     base = statistics.median(prefill["full"])
@@ -93,7 +99,8 @@ def main(argv=None) -> int:
         p, c = statistics.median(prefill[name]), statistics.median(compression[name])
         rows.append({"policy": name, "prefill_s": p, "compression_s": c, "prefill_ratio": p / base,
                      "with_compression_ratio": (p + c) / base, "prefill_all_s": prefill[name],
-                     "compression_all_s": compression[name]})
+                     "compression_all_s": compression[name],
+                     "one_pass_layers": one_pass[name]})
     print(f"\n{len(ids)}-token prompt, budget {args.budget}, median of {args.repeats}")
     print(f"{'policy':10s}{'prefill s':>12s}{'compress s':>12s}{'prefill x':>12s}{'+compress x':>13s}")
     for r in rows:
