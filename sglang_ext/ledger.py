@@ -96,6 +96,27 @@ class Ledger:
         self.requests[req.rid] = req
         self.totals.add(record, released_own_prompt)
 
+    def recompressed(self, req, fresh: Record, released_own_prompt: bool) -> tuple[Record, bool]:
+        """A compression during decoding (a decode trigger's check), which
+        ``fresh`` describes alone. A request without a record yet is
+        compressed for the first time: ``fresh`` becomes its record. Otherwise
+        its record takes the new slots, layout and offset and adds what was
+        freed and the seconds. Returns the record and whether it was the first."""
+        rec = self.records.get(req.rid)
+        if rec is None:
+            fresh.decode_compressions = 1
+            self.compressed(req, fresh, released_own_prompt)  # its seconds counted there
+            self.totals.recompressed(fresh.slots_freed, 0.0)
+            return fresh, True
+        rec.slots_kept, rec.rows_per_layer, rec.position_offset = (fresh.slots_kept, fresh.rows_per_layer,
+                                                                   fresh.position_offset)
+        rec.slots_freed += fresh.slots_freed
+        rec.slots_released_to_tree += fresh.slots_released_to_tree
+        rec.seconds += fresh.seconds
+        rec.decode_compressions += 1
+        self.totals.recompressed(fresh.slots_freed, fresh.seconds)
+        return rec, False
+
     def forget(self, rid: str) -> Record | None:
         self.requests.pop(rid, None)
         return self.records.pop(rid, None)

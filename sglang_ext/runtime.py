@@ -303,10 +303,7 @@ class Runtime:
         if not done.rank_slot:
             self.layouts[req.rid] = (done.layout, row_layout.readers(done.layout, self.pool_slots, done.slots.device))
 
-        rec = Record(req.rid, cap.policy.name, N, B, done.layout.rows_per_layer,
-                     "rank-slot" if done.rank_slot else "rows", done.slots_freed, done.slots_released_to_tree,
-                     N - B, time.perf_counter() - t0, done.skip_radix_cache_insert,
-                     (cap.pipeline.backend or backend_for(done.slots.device)).name)
+        rec = _record(req.rid, cap.policy.name, N, done, N - B, time.perf_counter() - t0, cap.pipeline)
         self.ledger.compressed(req, rec, done.released_own_prompt)
         if (m := metrics()) is not None:
             m.on_compressed(rec)
@@ -395,25 +392,16 @@ class Runtime:
         else:
             self.layouts[req.rid] = (done.layout, row_layout.readers(done.layout, self.pool_slots, done.slots.device))
         seconds = time.perf_counter() - t0
-        rec = self.ledger.records.get(req.rid)
-        first = rec is None
-        logical = written + (0 if first else rec.position_offset)
-        if first:  # its prompt was within budget (or the trigger leaves out prefill): compressed for the first time
-            rec = Record(req.rid, w.policy.name, w.pipeline.plan.prompt_len, B, done.layout.rows_per_layer,
-                         "rank-slot" if done.rank_slot else "rows", done.slots_freed, done.slots_released_to_tree,
-                         logical - B, seconds, done.skip_radix_cache_insert,
-                         (w.pipeline.backend or backend_for(done.slots.device)).name, decode_compressions=1)
-            self.ledger.compressed(req, rec, done.released_own_prompt)
-            if (m := metrics()) is not None:
-                m.on_compressed(rec)
-        else:
-            rec.slots_kept, rec.rows_per_layer, rec.position_offset = B, done.layout.rows_per_layer, logical - B
-            rec.slots_freed += done.slots_freed
-            rec.slots_released_to_tree += done.slots_released_to_tree
-            rec.seconds += seconds
-            rec.decode_compressions += 1
-        self.ledger.totals.recompressed(done.slots_freed, 0.0 if first else seconds)  # a first one: counted above
+        before = self.ledger.records.get(req.rid)
+        logical = written + (before.position_offset if before is not None else 0)
+        # a request first compressed here (its prompt was within budget, or
+        # the trigger leaves out prefill) gets its record now
+        rec, first = self.ledger.recompressed(
+            req, _record(req.rid, w.policy.name, w.pipeline.plan.prompt_len, done, logical - B, seconds, w.pipeline),
+            done.released_own_prompt)
         if (m := metrics()) is not None:
+            if first:
+                m.on_compressed(rec)
             m.on_recompressed(w.policy.name, done.slots_freed, seconds)
         self.ledger.event(req.rid, "recompressed", written=written, held=written + prepared, slots_kept=B,
                           logical=logical, freed=done.slots_freed, released_to_tree=done.slots_released_to_tree,
@@ -552,3 +540,12 @@ def _span(values: list[int]) -> str:
     if len(set(values)) == 1:
         return f"{values[0]}x{len(values)}"
     return str(values) if len(values) <= 8 else f"{min(values)}..{max(values)} (sum {sum(values)})"
+
+
+def _record(rid: str, policy: str, prompt_len: int, done, position_offset: int, seconds: float,
+            pipeline: Pipeline) -> Record:
+    """The ledger's record of one compression installed by ``pool.install`` (``done``)."""
+    return Record(rid, policy, prompt_len, done.slots.numel(), done.layout.rows_per_layer,
+                  "rank-slot" if done.rank_slot else "rows", done.slots_freed, done.slots_released_to_tree,
+                  position_offset, seconds, done.skip_radix_cache_insert,
+                  (pipeline.backend or backend_for(done.slots.device)).name)
