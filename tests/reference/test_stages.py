@@ -223,20 +223,18 @@ def test_the_one_pass_is_sdpa_and_its_column_sums(dtype, H, H_kv, N, T):
     assert torch.allclose(acc.sum(), torch.tensor(float(H * T)), rtol=1e-3)  # each row sums to one
 
 
-def test_the_one_pass_takes_kv_heads_a_few_at_a_time_when_a_tile_would_be_large(monkeypatch):
-    """Past ``TILE_ELEMENTS`` the KV heads are taken in groups: the same
-    output and column sums as all heads in one tile."""
+@pytest.mark.parametrize("block", [1, 7, 16, 64, 200])
+def test_the_one_pass_does_not_depend_on_its_tiles(block):
+    """Tiles of any number of queries (one, not dividing the rows, more than
+    the rows) give the same output and column sums; an empty chunk gives
+    zeros."""
     torch.manual_seed(3)
     q, k, v = torch.randn(8, 50, 16), torch.randn(4, 90, 16), torch.randn(4, 90, 16)
-    whole = attention.attention_with_column_sums(q, k, v, 2, block=16)
-    monkeypatch.setattr(attention, "TILE_ELEMENTS", 2 * 16 * 90 * 2)  # two KV heads a tile
-    grouped = attention.attention_with_column_sums(q, k, v, 2, block=16)
-    monkeypatch.setattr(attention, "TILE_ELEMENTS", 1)  # one KV head a tile
-    single = attention.attention_with_column_sums(q, k, v, 2, block=16)
-    for got in (grouped, single):
-        torch.testing.assert_close(got[0], whole[0], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got[1], whole[1], rtol=1e-6, atol=1e-6)
-    empty_out, empty_acc = attention.attention_with_column_sums(q[:, :0], k, v, 2)
+    whole = attention.attention_with_column_sums(q, k, v, 2, block=50)
+    tiled = attention.attention_with_column_sums(q, k, v, 2, block=block)
+    torch.testing.assert_close(tiled[0], whole[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tiled[1], whole[1], rtol=1e-6, atol=1e-6)
+    empty_out, empty_acc = attention.attention_with_column_sums(q[:, :0], k, v, 2, block=block)
     assert empty_out.shape == (8, 0, 16) and torch.equal(empty_acc, torch.zeros(8, 90))
 
 

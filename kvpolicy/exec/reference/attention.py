@@ -42,7 +42,7 @@ def window_attention(queries: Tensor, keys: Tensor, n_rep: int, window: int | No
     return torch.softmax(logits, dim=-1)
 
 
-def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int = 32) -> Tensor:
+def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int = 64) -> Tensor:
     """``s[h, j] = sum_i softmax(q_i K^T / sqrt(d))[j]`` over all prompt queries
     ``i >= j`` (H2O's accumulated attention, arXiv 2306.14048 §3).
 
@@ -55,13 +55,8 @@ def accumulated_attention(queries: Tensor, keys: Tensor, n_rep: int, block: int 
     return attention_with_column_sums(queries, keys, None, n_rep, block=block)[1]
 
 
-# The most a tile of logits may hold (fp32 elements) before the KV heads are
-# taken a few at a time: 8M = 32 MB, e.g. 32 query heads x 32 rows x 8k keys.
-TILE_ELEMENTS = 1 << 23
-
-
 def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | None, n_rep: int,
-                               block: int = 32, scale: float | None = None) -> tuple[Tensor | None, Tensor]:
+                               block: int = 64, scale: float | None = None) -> tuple[Tensor | None, Tensor]:
     """Causal attention output ``[H, T, d_v]`` fp32 (when ``values`` are given)
     and the accumulated attention ``[H, N]`` fp32 from the same softmax rows:
     one ``QK^T``, one softmax and one ``PV`` for both.
@@ -73,19 +68,21 @@ def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | N
 
     During a prefill this replaces the model's own attention call (SGLang's
     ``torch_native`` backend, the transformers path's attention function).
-    ``block`` queries at a time, in fp32, never ``N x N``: the ``n_rep`` query
-    heads of one KV head are stacked into one matrix of ``n_rep * block``
-    rows, so each tile is two batched matmuls over the keys it can see, a
-    softmax, and a sum over the rows; only the diagonal ``block x block`` of a
-    tile is masked. The output equals SDPA's to fp32 rounding, not bit for bit.
+    One KV head and ``block`` queries at a time, in fp32, never ``N x N``: the
+    ``n_rep`` query heads of the KV head are stacked into one matrix of
+    ``n_rep * block`` rows, so each tile is two matmuls over the keys it can
+    see, a softmax, and a sum over the rows; only the diagonal
+    ``block x block`` of a tile is masked. The output equals SDPA's to fp32
+    rounding, not bit for bit.
 
-    Measured on 2 CPU cores (SmolLM2-135M's 9 query / 3 KV heads, d = 64, 4096
-    tokens; ``bench/serve_prefill.py`` and ARCHITECTURE.md § The one pass):
-    0.21 s a layer at ``block = 32`` on contiguous inputs, 0.24 s from the
-    pool's layout (0.25 s at 64 or 128: the tile leaves the cache), against
-    0.15 s for SGLang's plain SDPA over the same rows and
-    0.30 s for SDPA's flash kernel with its log-sum-exp followed by a second
-    ``QK^T`` for the column sums (the one pass before this).
+    Measured on 2 CPU cores at 4096 tokens from the pool's layout, SmolLM2-135M's
+    9 query / 3 KV heads, d = 64 (and a Llama-8B layer's 32 / 8, d = 128):
+    0.18 s a layer (1.10 s) with one KV head and 64 queries a tile, against
+    0.21 s (1.29 s) at 32 queries and 0.22 s (1.36 s) with all KV heads in one
+    tile of 32; SDPA over the same rows takes 0.15 s (1.02 s); SDPA's flash
+    kernel with its log-sum-exp followed by a second ``QK^T`` for the column
+    sums (the one pass before this) took 0.30 s. ARCHITECTURE.md § Capture in
+    one attention pass; ``bench/serve_prefill.py`` measures the served prefill.
     """
     H, T, d = queries.shape
     H_kv, N = keys.shape[:2]
@@ -104,25 +101,21 @@ def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | N
     if T == 0:
         return (out.view(H, 0, v.shape[-1]) if out is not None else None), acc.view(H, N)
     block = max(1, min(block, T))
-    group = max(1, min(H_kv, TILE_ELEMENTS // (n_rep * block * N)))  # KV heads per tile
-    logits_buf = torch.empty(group * n_rep * block * N, dtype=torch.float32, device=device)
+    logits_buf = torch.empty(n_rep * block * N, dtype=torch.float32, device=device)
     probs_buf = torch.empty_like(logits_buf)
     future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
-    for g0 in range(0, H_kv, group):
-        g1 = min(g0 + group, H_kv)
-        g = g1 - g0
+    for h in range(H_kv):
         for start in range(0, T, block):
             stop = min(start + block, T)
             b, visible = stop - start, offset + stop
-            rows = g * n_rep * b
-            logits = logits_buf[:rows * visible].view(g, n_rep * b, visible)
-            torch.bmm(q[g0:g1, :, start:stop].reshape(g, n_rep * b, d), keys_t[g0:g1, :, :visible], out=logits)
-            logits.view(g, n_rep, b, visible)[..., offset + start:visible].masked_fill_(future[:b, :b], float("-inf"))
-            probs = probs_buf[:rows * visible].view(g, n_rep * b, visible)
+            logits = logits_buf[:n_rep * b * visible].view(n_rep * b, visible)
+            torch.mm(q[h, :, start:stop].reshape(n_rep * b, d), keys_t[h, :, :visible], out=logits)
+            logits.view(n_rep, b, visible)[..., offset + start:visible].masked_fill_(future[:b, :b], float("-inf"))
+            probs = probs_buf[:n_rep * b * visible].view(n_rep * b, visible)
             torch.softmax(logits, dim=-1, out=probs)
-            acc[g0:g1, :, :visible] += probs.view(g, n_rep, b, visible).sum(dim=2)
+            acc[h, :, :visible] += probs.view(n_rep, b, visible).sum(dim=1)
             if out is not None:
-                out[g0:g1, :, start:stop] = torch.bmm(probs, v[g0:g1, :visible]).view(g, n_rep, b, -1)
+                out[h, :, start:stop] = torch.mm(probs, v[h, :visible]).view(n_rep, b, -1)
     return (out.view(H, T, v.shape[-1]) if out is not None else None), acc.view(H, N)
 
 
