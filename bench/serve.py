@@ -61,10 +61,17 @@ def prompts(tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def stream(server, ids: list[int], max_tokens: int) -> dict:
-    """One streamed request: when it was sent and when each token arrived."""
+    """One streamed request: when it was sent and when each token arrived.
+    Tokens are counted from each chunk's running usage
+    (``continuous_usage_stats``), not from chunks with text: a chunk may carry
+    no text (a token held back mid-character) or several tokens."""
     sent = time.monotonic()
-    times = [time.monotonic() for chunk in server.completion_chunks(ids, max_tokens, timeout=3600, ignore_eos=True)
-             if chunk["choices"][0].get("text")]
+    times: list[float] = []
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for chunk in server.completion_chunks(ids, max_tokens, timeout=3600, ignore_eos=True, stream_options=options):
+        count = (chunk.get("usage") or {}).get("completion_tokens")
+        if count is not None and count > len(times):
+            times.extend([time.monotonic()] * (count - len(times)))
     return {"sent": sent, "tokens": times}
 
 
