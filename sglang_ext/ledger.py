@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvpolicy.sglang_ext.invariants import broken_invariants
+from kvpolicy.sglang_ext.metrics import metrics
 
 log = logging.getLogger("kvpolicy")
 
@@ -92,9 +93,13 @@ class Ledger:
         self.events.append({"rid": rid, "event": event, **detail})
 
     def compressed(self, req, record: Record, released_own_prompt: bool) -> None:
+        """A request compressed for the first time: its record, the totals
+        and the Prometheus counters (``--enable-metrics``)."""
         self.records[req.rid] = record
         self.requests[req.rid] = req
         self.totals.add(record, released_own_prompt)
+        if (m := metrics()) is not None:
+            m.on_compressed(record)
 
     def recompressed(self, req, fresh: Record, released_own_prompt: bool) -> tuple[Record, bool]:
         """A compression during decoding (a decode trigger's check), which
@@ -102,6 +107,8 @@ class Ledger:
         compressed for the first time: ``fresh`` becomes its record. Otherwise
         its record takes the new slots, layout and offset and adds what was
         freed and the seconds. Returns the record and whether it was the first."""
+        if (m := metrics()) is not None:
+            m.on_recompressed(fresh.policy, fresh.slots_freed, fresh.seconds)
         rec = self.records.get(req.rid)
         if rec is None:
             fresh.decode_compressions = 1

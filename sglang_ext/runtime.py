@@ -305,8 +305,6 @@ class Runtime:
 
         rec = _record(req.rid, cap.policy.name, N, done, N - B, time.perf_counter() - t0, cap.pipeline)
         self.ledger.compressed(req, rec, done.released_own_prompt)
-        if (m := metrics()) is not None:
-            m.on_compressed(rec)
         self.ledger.event(req.rid, "compressed", prompt_tokens=N, slots_kept=B, rows_per_layer=rec.rows_per_layer,
                           layout=rec.layout, output_tokens=len(req.output_ids), first_step_prepared=decode,
                           one_pass_layers=cap.one_pass_layers,
@@ -399,10 +397,6 @@ class Runtime:
         rec, first = self.ledger.recompressed(
             req, _record(req.rid, w.policy.name, w.pipeline.plan.prompt_len, done, logical - B, seconds, w.pipeline),
             done.released_own_prompt)
-        if (m := metrics()) is not None:
-            if first:
-                m.on_compressed(rec)
-            m.on_recompressed(w.policy.name, done.slots_freed, seconds)
         self.ledger.event(req.rid, "recompressed", written=written, held=written + prepared, slots_kept=B,
                           logical=logical, freed=done.slots_freed, released_to_tree=done.slots_released_to_tree,
                           first=first, prepared=bool(prepared), output_tokens=len(req.output_ids),

@@ -98,9 +98,7 @@ def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | N
     v = values.float().contiguous() if values is not None else None
     acc = torch.zeros(H_kv, n_rep, N, dtype=torch.float32, device=device)
     out = torch.empty(H_kv, n_rep, T, v.shape[-1], dtype=torch.float32, device=device) if v is not None else None
-    if T == 0:
-        return (out.view(H, 0, v.shape[-1]) if out is not None else None), acc.view(H, N)
-    block = max(1, min(block, T))
+    block = max(1, min(block, T))  # an empty chunk (T = 0) runs no tile
     logits_buf = torch.empty(n_rep * block * N, dtype=torch.float32, device=device)
     probs_buf = torch.empty_like(logits_buf)
     future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)

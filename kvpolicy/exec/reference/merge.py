@@ -54,13 +54,12 @@ class Classes:
 def _similarity(x: Tensor, centres: Tensor, metric: str) -> Tensor:
     """``[H, N, d] x [H, C, d] -> [H, N, C]``; larger is more similar (l2 is negated)."""
     x, centres = x.float(), centres.float()
+    if metric == "l2":
+        return -torch.cdist(x, centres)
     if metric == "cosine":
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         centres = centres / centres.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return torch.bmm(x, centres.transpose(1, 2))  # bmm: 30% faster than the same einsum at [3, 4096, 410]
-    if metric == "dot":
-        return torch.bmm(x, centres.transpose(1, 2))
-    return -torch.cdist(x, centres)
+    return torch.bmm(x, centres.transpose(1, 2))  # 30% faster than the same einsum at [3, 4096, 410]
 
 
 def merge_vectors(keys: Tensor, values: Tensor, merge: ir.MergeSimilar) -> tuple[Tensor, ...]:
