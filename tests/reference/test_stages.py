@@ -160,6 +160,26 @@ def test_kv_similarity_is_the_product_of_key_and_value_cosines():
     assert strict.class_id.tolist() == [[1, 2, 0, 2, 0]]  # only 0.64 passes
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("rows", [1, 7, 256, 10_000])
+def test_best_centres_block_by_block_equal_the_whole_product(metric, rows, monkeypatch):
+    """The similarity product is taken ``SIMILARITY_ROWS`` tokens at a time;
+    blocks that do not divide the tokens and heads with fewer centres (masked
+    ones) give the whole ``[H, N, C]`` product's best centre and value."""
+    torch.manual_seed(5)
+    H, N, C, d = 3, 600, 40, 8
+    keys, values = torch.randn(H, N, d), torch.randn(H, N, d)
+    ck, cv = torch.randn(H, C, d), torch.randn(H, C, d)
+    invalid = torch.zeros(H, C, dtype=torch.bool)
+    invalid[1, 30:] = True  # head 1 keeps 30 centres
+    whole = merge._similarity(keys, ck, metric) * merge._similarity(values, cv, metric)
+    want_sim, want = whole.masked_fill(invalid[:, None, :], float("-inf")).max(dim=-1)
+    monkeypatch.setattr(merge, "SIMILARITY_ROWS", rows)
+    got_sim, got = merge._best_centres((keys, values), [ck, cv], invalid, metric)
+    torch.testing.assert_close(got_sim, want_sim)
+    assert torch.equal(got, want) and int(got[1].max()) < 30
+
+
 def test_zero_class_drops_exactly_the_evicted_tokens():
     torch.manual_seed(3)
     H, N, d = 2, 12, 4

@@ -62,6 +62,36 @@ def _similarity(x: Tensor, centres: Tensor, metric: str) -> Tensor:
     return torch.bmm(x, centres.transpose(1, 2))  # 30% faster than the same einsum at [3, 4096, 410]
 
 
+SIMILARITY_ROWS = 256  # tokens per block of the similarity product (below)
+
+
+def _best_centres(vectors: tuple[Tensor, ...], centre_vectors: list[Tensor], invalid: Tensor,
+                  metric: str) -> tuple[Tensor, Tensor]:
+    """Each token's most similar centre: ``(best_sim, best)`` ``[H, N]``, the
+    product of the similarities over ``vectors`` (``[H, N, d]`` each, against
+    ``centre_vectors [H, C, d]``), centres where ``invalid [H, C]`` excluded.
+
+    ``SIMILARITY_ROWS`` tokens at a time, so that each ``[H, rows, C]`` block
+    of the product stays in cache between its matmuls, product, mask and max:
+    at ``[3, 4096, 410]`` on 2 CPU cores (SmolLM2's KV heads, 4k tokens, 10%
+    kept) 14 ms against 35 ms for the whole ``[H, N, C]`` at once; 128 and 512
+    rows were within 1 ms of 256, 1024 rows 17 ms."""
+    N = vectors[0].shape[1]
+    masked = bool(invalid.any())  # heads keeping fewer centres than the most
+    best_sim = torch.empty(invalid.shape[0], N, dtype=torch.float32, device=invalid.device)
+    best = torch.empty(invalid.shape[0], N, dtype=torch.long, device=invalid.device)
+    for start in range(0, N, SIMILARITY_ROWS):
+        rows = slice(start, start + SIMILARITY_ROWS)
+        sim = None
+        for x, centres in zip(vectors, centre_vectors):
+            part = _similarity(x[:, rows], centres, metric)
+            sim = part if sim is None else sim.mul_(part)
+        if masked:
+            sim.masked_fill_(invalid[:, None, :], float("-inf"))
+        torch.max(sim, dim=-1, out=(best_sim[:, rows], best[:, rows]))
+    return best_sim, best
+
+
 def merge_vectors(keys: Tensor, values: Tensor, merge: ir.MergeSimilar) -> tuple[Tensor, ...]:
     """The vectors whose similarities are multiplied: keys, values, or both
     (``kv``: EMS's redundancy ``cos(K) * cos(V)`` from its public reviews)."""
@@ -80,13 +110,10 @@ def classify(keys: Tensor, values: Tensor, scores: Tensor, kept: Tensor, centres
         C = int(centres.sum(dim=1).max())
         centre_pos = torch.sort(torch.where(centres, cols, N), dim=1).values[:, :C]  # padded with N
         valid_centre = centre_pos < N
-        sim = None  # [H, N, C]: the product over the merge vectors, in place (it is N x C per head)
-        for x in merge_vectors(keys, values, merge):
-            part = _similarity(x, x.gather(1, centre_pos.clamp_max(N - 1)[..., None].expand(H, C, x.shape[-1])),
-                               merge.metric)
-            sim = part if sim is None else sim.mul_(part)
-        sim.masked_fill_(~valid_centre[:, None, :], float("-inf"))
-        best_sim, best = sim.max(dim=-1)  # [H, N]
+        vectors = merge_vectors(keys, values, merge)
+        centre_vectors = [x.gather(1, centre_pos.clamp_max(N - 1)[..., None].expand(H, C, x.shape[-1]))
+                          for x in vectors]
+        best_sim, best = _best_centres(vectors, centre_vectors, ~valid_centre, merge.metric)
         # l2 similarity is the negated distance: distance < t  <=>  -distance > -t.
         # A head without centres has best_sim = -inf and merges nothing.
         passes = best_sim > (-merge.threshold if merge.metric == "l2" else merge.threshold)
