@@ -13,12 +13,19 @@ policies, ``--repeats`` times, medians taken:
 
 * ``prefill_s``: wall time of a request for one token (the prefill and its
   capture; a request that ends at its prefill is never compressed);
+* ``prefill_cpu_s``: the CPU seconds the server's processes spent on that
+  request (user + system, read from ``/proc`` before and after it). On a
+  shared machine a neighbour's load stretches wall time but not the CPU time
+  this process was given, so its ratios move less between runs;
 * ``compression_s``: the server's own time for the compression of the same
   prompt in a request for two tokens (the ``compressed`` event's
   ``seconds``);
 * ``one_pass_layers``: the layers whose ``global()`` came from the one
   attention pass (the same event's; 0 for a policy without ``global()``);
-* ratios over ``full``: the prefill alone, and prefill + compression.
+* ratios over ``full``: the prefill alone (wall and CPU), and prefill +
+  compression, each
+  the median of the rounds' ratios over the same round's ``full`` prefill
+  (requests seconds apart share the shared machine's drift).
 
 Writes ``bench/results/serve_prefill_<model>_<length>.json``.
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,6 +43,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+
+
+def server_cpu_seconds(server) -> float:
+    """User + system CPU seconds of every process in the server's process
+    group (it starts in its own session): the scheduler, the tokenizer, the
+    detokenizer. Linux ``/proc``; ``stat`` fields after the command name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[2]) == server.process.pid:  # fields: state ppid pgrp ... utime stime
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def main(argv=None) -> int:
@@ -65,6 +89,7 @@ def main(argv=None) -> int:
              "--chunked-prefill-size", str(args.length)]
     names = ["full", *args.policy]
     prefill = {n: [] for n in names}
+    prefill_cpu = {n: [] for n in names}
     compression = {n: [] for n in names}
     one_pass = {n: [] for n in names}  # layers whose global() came from the one attention pass
     print(f"starting the server ({len(ids)}-token prompt) ...", flush=True)
@@ -74,9 +99,9 @@ def main(argv=None) -> int:
             for name in names:
                 custom = {"kv_policy": name} if name == "full" else {"kv_policy": name, "kv_budget": args.budget}
                 server.flush_cache()
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), server_cpu_seconds(server)
                 reply = server.generate(ids, 1, custom_params=custom)
-                took = time.perf_counter() - t
+                took, cpu_took = time.perf_counter() - t, server_cpu_seconds(server) - cpu
                 if "text" not in reply:
                     raise SystemExit(f"{name}: {reply}")
                 server.flush_cache()
@@ -87,25 +112,35 @@ def main(argv=None) -> int:
                 layers = events[0].get("one_pass_layers", 0) if events else 0
                 if rep:
                     prefill[name].append(took)
+                    prefill_cpu[name].append(cpu_took)
                     compression[name].append(seconds)
                     one_pass[name].append(layers)
-                print(f"  round {rep} {name:8s} prefill {took:6.2f}s  compression {seconds:5.2f}s  "
+                print(f"  round {rep} {name:8s} prefill {took:6.2f}s ({cpu_took:6.2f} CPU s)  compression {seconds:5.2f}s  "
                       f"one-pass layers {layers:3d}" + ("" if rep else "  (warm-up)"), flush=True)
     finally:
         server.stop()
-    base = statistics.median(prefill["full"])
     rows = []
     for name in names:
         p, c = statistics.median(prefill[name]), statistics.median(compression[name])
-        rows.append({"policy": name, "prefill_s": p, "compression_s": c, "prefill_ratio": p / base,
-                     "with_compression_ratio": (p + c) / base, "prefill_all_s": prefill[name],
+        # each round's ratio over the same round's full prefill, then their median:
+        # requests a few seconds apart share the machine's drift
+        paired = [x / f for x, f in zip(prefill[name], prefill["full"])]
+        paired_cpu = [x / f for x, f in zip(prefill_cpu[name], prefill_cpu["full"])]
+        with_c = [(x + y) / f for x, y, f in zip(prefill[name], compression[name], prefill["full"])]
+        rows.append({"policy": name, "prefill_s": p, "compression_s": c,
+                     "prefill_ratio": statistics.median(paired),
+                     "with_compression_ratio": statistics.median(with_c),
+                     "prefill_cpu_s": statistics.median(prefill_cpu[name]),
+                     "prefill_cpu_ratio": statistics.median(paired_cpu),
+                     "prefill_ratio_all": paired, "prefill_cpu_ratio_all": paired_cpu, "prefill_all_s": prefill[name],
                      "compression_all_s": compression[name],
                      "one_pass_layers": one_pass[name]})
     print(f"\n{len(ids)}-token prompt, budget {args.budget}, median of {args.repeats}")
-    print(f"{'policy':10s}{'prefill s':>12s}{'compress s':>12s}{'prefill x':>12s}{'+compress x':>13s}")
+    print(f"{'policy':10s}{'prefill s':>12s}{'CPU s':>9s}{'compress s':>12s}{'prefill x':>12s}{'CPU x':>9s}"
+          f"{'+compress x':>13s}")
     for r in rows:
-        print(f"{r['policy']:10s}{r['prefill_s']:>12.2f}{r['compression_s']:>12.2f}{r['prefill_ratio']:>12.3f}"
-              f"{r['with_compression_ratio']:>13.3f}")
+        print(f"{r['policy']:10s}{r['prefill_s']:>12.2f}{r['prefill_cpu_s']:>9.2f}{r['compression_s']:>12.2f}"
+              f"{r['prefill_ratio']:>12.3f}{r['prefill_cpu_ratio']:>9.3f}{r['with_compression_ratio']:>13.3f}")
     out = RESULTS / f"serve_prefill_{(model_name(model) or 'model').lower()}_{args.length}.json"
     out.write_text(json.dumps({"model": model_name(model), "length": len(ids), "budget": args.budget,
                                "repeats": args.repeats, "device": "cpu", "machine": platform.machine(),
