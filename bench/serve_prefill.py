@@ -14,9 +14,10 @@ policies, ``--repeats`` times, medians taken:
 * ``prefill_s``: wall time of a request for one token (the prefill and its
   capture; a request that ends at its prefill is never compressed);
 * ``prefill_cpu_s``: the CPU seconds the server's processes spent on that
-  request (user + system, read from ``/proc`` before and after it). On a
-  shared machine a neighbour's load stretches wall time but not the CPU time
-  this process was given, so its ratios move less between runs;
+  request (user + system, read from ``/proc`` before and after it): time
+  taken from the server by another process shows as wall time without CPU
+  time (measured on this machine: the two move together, so the spread of
+  the prefills is the server's own work);
 * ``compression_s``: the server's own time for the compression of the same
   prompt in a request for two tokens (the ``compressed`` event's
   ``seconds``);
@@ -59,6 +60,12 @@ def server_cpu_seconds(server) -> float:
         if int(fields[2]) == server.process.pid:  # fields: state ppid pgrp ... utime stime
             total += int(fields[11]) + int(fields[12])
     return total / tick
+
+
+def per_round(times: list[float], full: list[float]) -> list[float]:
+    """Each round's time over the same round's ``full`` prefill: requests a
+    few seconds apart share the machine's drift (their median is reported)."""
+    return [x / f for x, f in zip(times, full)]
 
 
 def main(argv=None) -> int:
@@ -122,11 +129,9 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         p, c = statistics.median(prefill[name]), statistics.median(compression[name])
-        # each round's ratio over the same round's full prefill, then their median:
-        # requests a few seconds apart share the machine's drift
-        paired = [x / f for x, f in zip(prefill[name], prefill["full"])]
-        paired_cpu = [x / f for x, f in zip(prefill_cpu[name], prefill_cpu["full"])]
-        with_c = [(x + y) / f for x, y, f in zip(prefill[name], compression[name], prefill["full"])]
+        paired = per_round(prefill[name], prefill["full"])
+        paired_cpu = per_round(prefill_cpu[name], prefill_cpu["full"])
+        with_c = per_round([x + y for x, y in zip(prefill[name], compression[name])], prefill["full"])
         rows.append({"policy": name, "prefill_s": p, "compression_s": c,
                      "prefill_ratio": statistics.median(paired),
                      "with_compression_ratio": statistics.median(with_c),
