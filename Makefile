@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml requirements/sglang-cpu.txt requirements/constraints.tx
 	$(PY) -m pip install --quiet -r requirements/sglang-cpu.txt -c requirements/constraints.txt
 	$(PY) -m pip uninstall --quiet --yes torchvision 2>/dev/null || true
 	$(PY) -m pip install --quiet ./standins
+	# the compiled CPU one pass, built once here rather than in the first prefill
+	$(PY) -m kvpolicy.kernels.cpu
 	touch $(STAMP)
 
 demo: $(STAMP)

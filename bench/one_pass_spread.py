@@ -1,14 +1,16 @@
 """How much the one attention pass and SGLang's SDPA vary from call to call
-on this machine, side by side: ``attention_with_column_sums`` and SDPA over
-the same 4k rows in the pool's layout (SmolLM2-135M's 9 query / 3 KV heads,
+on this machine, side by side: ``attention_with_column_sums`` (the pure-torch
+reference and the compiled CPU kernel, ``kernels/cpu.py``) and SDPA over the
+same 4k rows in the pool's layout (SmolLM2-135M's 9 query / 3 KV heads,
 d = 64), alternated ``--calls`` times.
 
     python bench/one_pass_spread.py [--tokens 4096 --calls 12]
 
-The one pass writes each tile's logits and probabilities to memory where
+The reference writes each tile's logits and probabilities to memory where
 SDPA's flash kernel keeps its tiles in cache, so memory-bandwidth contention
-from a neighbour slows it more: this prints both spreads (min, median, max)
-and writes ``bench/results/one_pass_spread_<tokens>.json``.
+from a neighbour slows it more; the compiled kernel keeps its tiles in L2.
+This prints each spread (min, median, max), the median of the call-by-call
+ratios over SDPA, and writes ``bench/results/one_pass_spread_<tokens>.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpolicy.exec.reference.attention import attention_with_column_sums
+from kvpolicy.kernels import cpu
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,19 +42,23 @@ def main(argv=None) -> int:
     k = torch.randn(N, H_kv, d).transpose(0, 1)  # the pool's [N, H_kv, d] gather, transposed
     v = torch.randn(N, H_kv, d).transpose(0, 1)
     runs = {"one_pass": lambda: attention_with_column_sums(q, k, v, H // H_kv),
+            "compiled_one_pass": lambda: cpu.attention_with_column_sums(q, k, v, H // H_kv),
             "sdpa": lambda: F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
                                                            enable_gqa=True)}
+    for run in runs.values():  # warm-up: the kernel's first call loads its build
+        run()
     seconds = {name: [] for name in runs}
     for _ in range(args.calls):
         for name, run in runs.items():
             t = time.perf_counter()
             run()
             seconds[name].append(time.perf_counter() - t)
-    summary = {name: {"min": min(s), "median": statistics.median(s), "max": max(s), "all": s}
+    summary = {name: {"min": min(s), "median": statistics.median(s), "max": max(s), "all": s,
+                      "over_sdpa": statistics.median(a / b for a, b in zip(s, seconds["sdpa"]))}
                for name, s in seconds.items()}
     for name, s in summary.items():
-        print(f"{name:9s} min {s['min']:.3f}s  median {s['median']:.3f}s  max {s['max']:.3f}s  "
-              f"max/min {s['max'] / s['min']:.2f}")
+        print(f"{name:17s} min {s['min']:.3f}s  median {s['median']:.3f}s  max {s['max']:.3f}s  "
+              f"max/min {s['max'] / s['min']:.2f}  / sdpa {s['over_sdpa']:.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"one_pass_spread_{N}.json"
     out.write_text(json.dumps({"tokens": N, "heads": [H, H_kv, d], "calls": args.calls, "seconds": summary},

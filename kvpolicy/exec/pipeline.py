@@ -13,6 +13,8 @@ tensors.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,15 +59,42 @@ def triton_backend() -> Backend:
                    k_select.pick, k_merge.classify, k_merge.scatter)
 
 
+def cpu_backend() -> Backend:
+    """The reference stages with the one attention pass of a prefill compiled
+    for the CPU (:mod:`kvpolicy.kernels.cpu`): same signatures, equal to fp32
+    rounding."""
+    from kvpolicy.kernels import cpu
+
+    return dataclasses.replace(REFERENCE, name="cpu", accumulated_attention=cpu.accumulated_attention,
+                               attention_with_column_sums=cpu.attention_with_column_sums)
+
+
 def backend_for(device: torch.device) -> Backend:
-    """Triton for CUDA tensors when Triton compiles there, the reference
-    otherwise (the CPU runs kernels only interpreted, in their tests)."""
+    """Triton for CUDA tensors when Triton compiles there; on the CPU the
+    reference with the compiled one pass when it builds here (the CPU runs
+    Triton kernels only interpreted, in their tests); the reference otherwise."""
     if device.type == "cuda":
         from kvpolicy.kernels import available
 
         if available(str(device)) == "compiled":
             return triton_backend()
+    elif device.type == "cpu":
+        from kvpolicy.kernels import cpu
+
+        if cpu.available() is None:
+            return cpu_backend()
+        _say_once(f"kvpolicy: {cpu.available()}; the pure-torch one pass is used on the CPU")
     return REFERENCE
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """Why a faster backend is not used, once per process, on stderr."""
+    if message not in _said and not message.startswith("KVPOLICY_CPU_KERNEL=0"):
+        _said.add(message)
+        print(message, file=sys.stderr)
 
 
 @dataclass

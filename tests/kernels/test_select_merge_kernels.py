@@ -321,7 +321,7 @@ def test_pipeline_picks_triton_for_cuda_and_the_reference_on_the_cpu():
     from kvpolicy.lang.budgets import ModelShape
     from kvpolicy.lang.registry import load
 
-    assert backend_for(torch.device("cpu")) is REFERENCE
+    assert backend_for(torch.device("cpu")).name in ("cpu", "reference")  # tests/kernels/test_cpu_one_pass.py
     if torch.cuda.is_available():
         assert backend_for(torch.device("cuda")).name == "triton"
     torch.manual_seed(3)
