@@ -80,8 +80,10 @@ def attention_with_column_sums(queries: Tensor, keys: Tensor, values: Tensor | N
     0.21 s (1.29 s) at 32 queries and 0.22 s (1.36 s) with all KV heads in one
     tile of 32; SDPA over the same rows takes 0.15 s (1.02 s); SDPA's flash
     kernel with its log-sum-exp followed by a second ``QK^T`` for the column
-    sums (the one pass before this) took 0.30 s. ARCHITECTURE.md § Capture in
-    one attention pass; ``bench/serve_prefill.py`` measures the served prefill.
+    sums (the one pass before this) took 0.30 s. The CPU backend runs the
+    same tiles compiled, in SDPA's time (:mod:`kvpolicy.kernels.cpu`);
+    ARCHITECTURE.md § Capture in one attention pass; ``bench/serve_prefill.py``
+    measures the served prefill.
     """
     H, T, d = queries.shape
     H_kv, N = keys.shape[:2]
