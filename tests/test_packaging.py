@@ -35,8 +35,8 @@ def test_no_top_level_dsl_or_kernels_of_ours(tmp_path):
     assert found["dsl"] is None and found["sglang_ext"] is None and found["policies"] is None
 
 
-def test_grammar_and_policies_are_package_data(tmp_path):
-    code = ("import kvpolicy, pathlib, kvpolicy.dsl.parser as p;"
-            "print(p.GRAMMAR.is_file(), len(kvpolicy.shipped_names()))")
+def test_grammar_policies_and_kernel_source_are_package_data(tmp_path):
+    code = ("import kvpolicy, pathlib, kvpolicy.dsl.parser as p, kvpolicy.kernels.cpu as c;"
+            "print(p.GRAMMAR.is_file(), len(kvpolicy.shipped_names()), c.SOURCE.is_file())")
     shipped = len(list((Path(__file__).parents[1] / "policies").glob("*.kvp")))
-    assert run_elsewhere(code, tmp_path) == f"True {shipped}" and shipped >= 10
+    assert run_elsewhere(code, tmp_path) == f"True {shipped} True" and shipped >= 10
