@@ -9,8 +9,9 @@ torch calls. Here one task is a KV head and ``block`` queries of its query
 heads, its logits are sized to stay in the core's L2 cache, and the softmax,
 the column sums and both products run on that tile before the next one. On 2
 CPU cores at 4096 tokens (SmolLM2-135M's 9 / 3 heads, d = 64) this runs in
-SDPA's time over the same rows, where the reference takes about 1.2x it
-(``python bench/one_pass_spread.py``).
+1.01 to 1.08x SDPA's time over the same rows, where the reference takes 1.27
+to 1.40x (medians of call-by-call ratios in two runs of ``python
+bench/one_pass_spread.py``).
 
 The extension is compiled on first use (``torch.utils.cpp_extension``, g++
 and ninja, about 35 s on 2 cores; ``make install`` builds it ahead:
