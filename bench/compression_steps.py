@@ -9,6 +9,11 @@ Defaults: SmolLM2-135M's shape (30 layers, 9 query / 3 KV heads, d = 64).
 One warm-up layer, then ``--rounds`` passes over all layers; prints each
 step's median seconds per prompt and its share, and writes
 ``bench/results/compression_steps_<policy>_<tokens>.json``.
+
+Random keys and values are nearly orthogonal, so a ``merge similar(...)``
+clause merges (almost) nothing here and its scatter is not timed: the
+merged-token count is printed beside the times. The similarity search that
+decides it is timed (classify).
 """
 
 from __future__ import annotations
@@ -71,8 +76,9 @@ def main(argv=None) -> int:
     steps = {s: statistics.median(r[s] for r in rounds) for s in pipe.plan.run_order}
     total = statistics.median(sum(r.values()) for r in rounds)
     backend = (pipe.backend or backend_for(keys.device)).name
+    merged = int(pipe.compress(0, inputs).merged.sum())
     print(f"{args.policy} at {args.budget}, {N} tokens, {args.layers} layers, heads {H}/{H_kv}, d {d}, "
-          f"backend {backend}, median of {args.rounds}")
+          f"backend {backend}, median of {args.rounds}; tokens merged in a layer: {merged}")
     for s, sec in steps.items():
         print(f"  {s:<9} {sec:7.3f} s  {sec / total:6.1%}")
     print(f"  {'total':<9} {total:7.3f} s  ({1000 * total / args.layers:.1f} ms a layer)")
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         "policy": args.policy, "budget": args.budget, "tokens": N, "layers": args.layers,
         "heads": [H, H_kv, d], "backend": backend, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "rounds": rounds, "median_s": steps, "total_s": total}, indent=1) + "\n")
+        "machine": platform.machine(), "merged_tokens_per_layer": merged,
+        "rounds": rounds, "median_s": steps, "total_s": total}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -194,6 +194,28 @@ def test_zero_class_drops_exactly_the_evicted_tokens():
     assert torch.equal(out_k, k[:, [0, 5, 9]]) and torch.equal(out_v, v[:, [0, 5, 9]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_without_merged_tokens_gathers_what_the_scatter_gives(dtype):
+    """No token merged: the kept tokens are gathered (a head keeping fewer
+    slots gets zeros past its count), equal bit for bit to the full scatter,
+    which runs when ``merged`` says a token merged."""
+    import dataclasses
+
+    torch.manual_seed(4)
+    H, N, d = 2, 16, 4
+    k, v = torch.randn(H, N, d).to(dtype), torch.randn(H, N, d).to(dtype)
+    kept = torch.zeros(H, N, dtype=torch.bool)
+    kept[0, [0, 3, 7]] = True
+    kept[1, [2, 9]] = True  # one slot fewer
+    classes = merge.classify(k, v, torch.rand(H, N), kept, kept, None, torch.zeros(N, dtype=torch.bool))
+    assert classes.merged.tolist() == [0, 0]
+    out_k, out_v = merge.scatter(k, v, classes)
+    assert out_k.dtype == dtype and torch.equal(out_k[1, 2], torch.zeros(d, dtype=dtype))
+    assert torch.equal(out_k[0], k[0, [0, 3, 7]]) and torch.equal(out_v[1, :2], v[1, [2, 9]])
+    full_k, full_v = merge.scatter(k, v, dataclasses.replace(classes, merged=torch.ones(H, dtype=torch.long)))
+    assert torch.equal(out_k, full_k) and torch.equal(out_v, full_v)
+
+
 def test_cover_lets_a_sparse_head_evict_its_tail():
     k = torch.ones(2, 6, 2)  # all keys identical: everything is similar enough to merge
     scores = torch.tensor([[10.0, 1, 1, 1, 1, 1],      # head 0: dense tail (half the mass outside the centre)
