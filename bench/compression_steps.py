@@ -35,9 +35,9 @@ from kvpolicy.lang.budgets import ModelShape
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def time_steps(pipe, inputs: LayerInputs, layers: int) -> dict[str, float]:
-    """Seconds per step of ``pipe``'s plan, summed over ``layers`` layers of ``inputs``."""
-    backend = pipe.backend or backend_for(inputs.keys.device)
+def time_steps(pipe, backend, inputs: LayerInputs, layers: int) -> tuple[dict[str, float], int]:
+    """Seconds per step of ``pipe``'s plan on ``backend``, summed over
+    ``layers`` layers of ``inputs``, and the tokens the last layer merged."""
     spent = {step: 0.0 for step in pipe.plan.run_order}
     for layer in range(layers):
         run = LayerRun(inputs, layer, pipe.plan.layer_budgets[layer])
@@ -45,7 +45,7 @@ def time_steps(pipe, inputs: LayerInputs, layers: int) -> dict[str, float]:
             t = time.perf_counter()
             getattr(pipe, f"_{step}")(run, backend)
             spent[step] += time.perf_counter() - t
-    return spent
+    return spent, int(run.out.merged.sum())
 
 
 def main(argv=None) -> int:
@@ -71,14 +71,16 @@ def main(argv=None) -> int:
     queries = torch.randn(H, window, d)
     accumulated = torch.rand(H, N) * (N / 64) if pipe.needs_accumulated else None
     inputs = LayerInputs(keys, values, queries, accumulated)
-    time_steps(pipe, inputs, 1)  # warm-up
-    rounds = [time_steps(pipe, inputs, args.layers) for _ in range(args.rounds)]
+    backend = pipe.backend or backend_for(keys.device)
+    time_steps(pipe, backend, inputs, 1)  # warm-up
+    rounds, merged = [], 0
+    for _ in range(args.rounds):
+        spent, merged = time_steps(pipe, backend, inputs, args.layers)
+        rounds.append(spent)
     steps = {s: statistics.median(r[s] for r in rounds) for s in pipe.plan.run_order}
     total = statistics.median(sum(r.values()) for r in rounds)
-    backend = (pipe.backend or backend_for(keys.device)).name
-    merged = int(pipe.compress(0, inputs).merged.sum())
     print(f"{args.policy} at {args.budget}, {N} tokens, {args.layers} layers, heads {H}/{H_kv}, d {d}, "
-          f"backend {backend}, median of {args.rounds}; tokens merged in a layer: {merged}")
+          f"backend {backend.name}, median of {args.rounds}; tokens merged in a layer: {merged}")
     for s, sec in steps.items():
         print(f"  {s:<9} {sec:7.3f} s  {sec / total:6.1%}")
     print(f"  {'total':<9} {total:7.3f} s  ({1000 * total / args.layers:.1f} ms a layer)")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "policy": args.policy, "budget": args.budget, "tokens": N, "layers": args.layers,
-        "heads": [H, H_kv, d], "backend": backend, "threads": torch.get_num_threads(),
+        "heads": [H, H_kv, d], "backend": backend.name, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "merged_tokens_per_layer": merged,
         "rounds": rounds, "median_s": steps, "total_s": total}, indent=1) + "\n")
     print(f"wrote {out}")

@@ -199,8 +199,7 @@ def scatter(keys: Tensor, values: Tensor, classes: Classes) -> tuple[Tensor, Ten
     merged_v = val_sum[:, 1:] / w_sum
 
     # classes of one member keep their token exactly
-    pos = classes.kept_positions.clamp_min(0)[..., None].expand(H, K, d)
-    orig_k, orig_v = keys.gather(1, pos), values.gather(1, pos)
+    orig_k, orig_v = kept_tokens(keys, values, classes.kept_positions)
     alone = (members[:, 1:] == 1)[..., None]
     valid = (classes.kept_positions >= 0)[..., None]
     out_k = torch.where(alone, orig_k, merged_k.to(keys.dtype)) * valid
@@ -210,7 +209,8 @@ def scatter(keys: Tensor, values: Tensor, classes: Classes) -> tuple[Tensor, Ten
 
 def kept_tokens(keys: Tensor, values: Tensor, kept_positions: Tensor) -> tuple[Tensor, Tensor]:
     """The tokens at ``kept_positions [H_kv, K]`` (``-1``: an unused slot,
-    zero), as :func:`scatter` gives them when no token merged."""
+    zero): what :func:`scatter` gives when no token merged, and the centres
+    that keep their token when their class has no other member."""
     H, K = kept_positions.shape
     d = keys.shape[-1]
     pos = kept_positions.clamp_min(0)[..., None]
